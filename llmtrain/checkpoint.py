@@ -1,0 +1,121 @@
+"""Crash-safe checkpoints: written under a temporary name and renamed, `last`/`best` links swapped atomically."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from llmtrain.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict:
+    """Every random state the run depends on, in types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _link(directory: Path, name: str, target: str) -> None:
+    tmp = directory / f".{name}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, directory / name)
+
+
+def step_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a trainer state) in step order."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name))]
+    return sorted((s, p) for s, p in found if (p / STATE_FILE).exists())
+
+
+def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int, is_best: bool) -> Path:
+    """Write checkpoints/step-<step>/ completely, then point `last` (and `best`) at it, then prune old ones."""
+    if any(not torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"refusing to save step {step}: the model has non-finite weights "
+                        "(lower optimizer.lr, set trainer.max_grad_norm, or use hardware.precision=fp32)")
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step}"
+    tmp = directory / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise UserError(f"no space left to save the checkpoint in {directory}: free disk space or set "
+                            "trainer.keep_last lower; the previous checkpoint is intact") from None
+        raise
+    _link(directory, "last", final.name)
+    if is_best:
+        _link(directory, "best", final.name)
+    prune(directory, keep_last)
+    return final
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints; never the one `best` points at."""
+    if keep_last <= 0:
+        return
+    best = (directory / "best").resolve() if (directory / "best").exists() else None
+    for _, path in step_dirs(directory)[:-keep_last]:
+        if best is None or path.resolve() != best:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint `trainer.resume` names: `auto` = the newest complete one in this run, or a path."""
+    if resume == "auto":
+        ckpts = step_dirs(run_dir / "checkpoints")
+        return ckpts[-1][1] if ckpts else None
+    path = Path(os.path.expanduser(resume))
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory: take its newest
+        return find(path, "auto")
+    if not (path / STATE_FILE).exists():
+        raise ConfigError(f"trainer.resume={resume}: not a checkpoint directory (no {STATE_FILE}); "
+                          "use auto, a run directory, or a checkpoints/step-<N> path")
+    return path
+
+
+def load(path: Path, model) -> dict:
+    """Load weights into `model` and return the trainer state (tensors only: weights_only=True)."""
+    weights = load_file(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise ConfigError(f"trainer.resume={path}: the checkpoint does not fit this model "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
+    return torch.load(path / STATE_FILE, weights_only=True)

@@ -1,0 +1,13 @@
+"""Metric modules shipped with llmtrain, loaded by local path through `evaluate` (the Hub's scripts are unreachable offline)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import evaluate
+
+HERE = Path(__file__).parent
+
+
+def load(name: str) -> evaluate.EvaluationModule:
+    """Load one of the shipped metric modules (`lm_metrics`, `classification`), kept in memory."""
+    return evaluate.load(str(HERE / name), keep_in_memory=True)
