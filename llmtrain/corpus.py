@@ -13,7 +13,7 @@
 #    with the one sentence that starts "In the end," (so the stop choice is visible in the text);
 #  * a middle sentence's first word tells its kind: "Every" habit, "One" meeting, "Then"/"Later,"/
 #    "After" action, otherwise it starts with its subject and the word after the subject tells an
-#    action (a verb form) from a state ("was"/"were", which are no verb form);
+#    action (a verb form) from a state ("was"/"were") or a wish ("wanted"), which are no verb form;
 #  * names, pronouns and "the"+noun are disjoint word sets, the secondary character's noun differs
 #    from the protagonist's and only the protagonist gets pronouns, so a subject names its referent
 #    and its surface form (name/pronoun/noun);
@@ -36,7 +36,7 @@ VERSION = 1
 
 
 class _Dist:
-    """A categorical distribution over `items`; weights need not be normalized."""
+    """A categorical distribution over `items` (weights need not sum to 1)."""
 
     def __init__(self, items: Sequence, weights: Sequence[float] | None = None):
         weights = [1.0] * len(items) if weights is None else list(weights)
@@ -125,6 +125,7 @@ pirate: sail/sailed:to dig/dug:in
 dragon: fly/flew:to breathe/breathed:fire guard/guarded:the_gold,the_cave
 robot: beep/beeped:- clean/cleaned:the_house,the_room fix/fixed:thing
 giant: shout/shouted:- build/built:a_house,a_wall"""
+_SLOTS = ("to", "in", "thing", "food", "at", "-")
 _VERB_WEIGHT = {"*": 1.0, "animal": 2.0, "person": 2.0, "creature": 2.0}  # a noun's own verbs: 5.0
 
 _PLACES = _zipf("park garden forest river lake castle market farm beach hill village cave field meadow "
@@ -186,8 +187,7 @@ def _build_nouns() -> _Dist:
         for spec in specs.split():
             forms, frames = spec.split(":")
             base, past = forms.split("/")
-            frames = [tuple(f.split("_")) if "_" in f or f not in ("to", "in", "thing", "food", "at", "-")
-                      else f for f in frames.split(",")]
+            frames = [f if f in _SLOTS else tuple(f.split("_")) for f in frames.split(",")]
             verbs.setdefault(who, []).append((_Verb(base, past, _third_person(base), _Dist(frames)),
                                               _VERB_WEIGHT.get(who, 5.0)))
     nouns = []
@@ -202,14 +202,9 @@ def _build_nouns() -> _Dist:
 _NOUNS = _build_nouns()
 
 
-def _np(adj: str, noun: str, det: str | None = None) -> tuple:
-    """A noun phrase: "the old park", "an old box", "a box" (det None means a/an), as `_story` says it."""
-    words = (adj, noun) if adj else (noun,)
-    return (det or _a(words[0]),) + words
-
-
 def _expand_np(adjs: _Dist, nouns: _Dist, det: str | None = None) -> list[tuple]:
-    return [_np(a, n, det) for a in adjs.items for n in nouns.items]
+    """Every noun phrase `phrase` in `_story` can say: "the old park", "an old box", "a box"."""
+    return [(det or _a(a or n),) + ((a, n) if a else (n,)) for a in adjs.items for n in nouns.items]
 
 
 def _check_grammar() -> None:

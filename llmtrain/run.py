@@ -31,6 +31,21 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def train(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> dict:
+    """Validate, instantiate and fit one configuration into run_dir; returns the run's summary."""
+    validate(cfg)
+    hardware = instantiate(cfg.hardware)
+    hardware.setup(cfg.seed)
+    data = instantiate(cfg.data, _convert_="all")
+    data.setup()
+    model = instantiate(cfg.model, _convert_="all").build(data.tokenizer, data.id2label)
+    trainer = instantiate(cfg.trainer, _convert_="all")(
+        model=model, data=data, optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        scheduler=instantiate(cfg.scheduler), hardware=hardware, run_dir=run_dir,
+        hparams=hparams(cfg, model_name, sum(p.numel() for p in model.parameters()), hardware.precision))
+    return trainer.fit()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the final eval loss (what sweepers minimize)."""
@@ -39,18 +54,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     quiet_libraries()
     try:
-        validate(cfg)
-        hardware = instantiate(cfg.hardware)
-        hardware.setup(cfg.seed)
-        data = instantiate(cfg.data, _convert_="all")
-        data.setup()
-        model = instantiate(cfg.model, _convert_="all").build(data.tokenizer, data.id2label)
-        trainer = instantiate(cfg.trainer, _convert_="all")(
-            model=model, data=data, optimizer=instantiate(cfg.optimizer, _convert_="all"),
-            scheduler=instantiate(cfg.scheduler), hardware=hardware, run_dir=run_dir,
-            hparams=hparams(cfg, hc.runtime.choices.get("model"), sum(p.numel() for p in model.parameters()),
-                            hardware.precision))
-        summary = trainer.fit()
+        summary = train(cfg, run_dir, hc.runtime.choices.get("model", "model"))
     except (UserError, Interrupted) as e:
         log.error("error: %s", e)
         write_json(run_dir / "metrics.json", {"status": "interrupted" if isinstance(e, Interrupted) else "failed",

@@ -1,5 +1,6 @@
 """The built-in story corpus: deterministic, sized as asked, learnable, and with an exact NLL floor."""
 import math
+import random
 import re
 import time
 
@@ -38,7 +39,7 @@ class _Replay:
     """A chooser that makes the choices in `path` (indices among the allowed options), then stops."""
 
     def __init__(self, path):
-        self.path, self.i, self.logp = path, 0, 0.0
+        self.path, self.i, self.logp, self.made = path, 0, 0.0, []
 
     def pick(self, d, exclude=None):
         options = [(item, p) for item, p in zip(d.items, d.probs) if exclude is None or item != exclude]
@@ -46,6 +47,7 @@ class _Replay:
             raise _Frontier(len(options))
         item, p = options[self.path[self.i]]
         self.i += 1
+        self.made.append((d, item))
         self.logp += math.log(p / sum(q for _, q in options))
         return item
 
@@ -68,10 +70,8 @@ def derivations(text):
 
 
 def test_every_story_has_exactly_one_derivation_with_the_reported_nll():
-    import random
-
     sampler = corpus._Sampler(random.Random("test"))
-    for _ in range(40):
+    for _ in range(30):
         before, out = sampler.nll, []
         corpus._story(sampler, out)
         text = corpus.detokenize(out)
@@ -91,10 +91,19 @@ def test_reported_floor_equals_the_nll_re_derived_from_the_text():
         assert math.isclose(nll / words(docs), reported, rel_tol=1e-9)
 
 
-def test_the_stop_choice_is_paid_for():
-    # a story that stops after the minimum of 3 middle sentences pays -log p(stop) once, a longer one
-    # pays -log p(continue) per extra sentence: the search above only finds one path if both are counted
-    assert corpus._STOP.probs[0] < 1 and corpus._MIN_MIDDLE < corpus._MAX_MIDDLE
+def test_story_length_is_a_choice_that_is_paid_for():
+    c = generate_corpus(seed=2, train_words=1_500, validation_words=0)
+    lengths = set()
+    for doc in c.train:
+        ((path, _),) = derivations(doc)
+        replay = _Replay(path)
+        corpus._story(replay, [])
+        stops = [item for d, item in replay.made if d is corpus._STOP]
+        middle = doc.count(".") - 2  # the intro and the ending are always there
+        lengths.add(middle)
+        # one "go on" per sentence past the minimum, then "stop" unless the maximum forced it
+        assert stops == [False] * (middle - corpus._MIN_MIDDLE) + [True] * (middle < corpus._MAX_MIDDLE)
+    assert len(lengths) >= 5
 
 
 # ---------------------------------------------------------------- determinism and size
