@@ -266,7 +266,7 @@ def _story(ch, out: list[str]) -> None:
     friend, friend_plural = None, False
 
     def phrase(det: str | None, adjs: _Dist, nouns: _Dist) -> None:
-        """Say e.g. "the old park", "an old box", "a box" (det None means a/an), see `_np`."""
+        """Say e.g. "the old park", "an old box", "a box" (det None means a/an), see `_expand_np`."""
         adj = ch.pick(adjs)
         if adj:
             say((det or _a(adj), adj))

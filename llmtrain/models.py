@@ -5,6 +5,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification,
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
@@ -24,6 +25,9 @@ class ModelSpec:
     pretrained: str | None = None
     trust_remote_code: bool = False
     config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config = {k: v for k, v in dict(self.config or {}).items() if v is not None}
 
     def hf_config(self) -> PretrainedConfig:
         """The HF config this spec describes, without building weights (cheap: used for validation too)."""
@@ -55,12 +59,11 @@ class ModelSpec:
             extra = {"num_labels": len(id2label), "id2label": dict(id2label),
                      "label2id": {v: k for k, v in id2label.items()}}
         if self.pretrained:
-            model, info = cls.from_pretrained(self.pretrained, trust_remote_code=self.trust_remote_code,
-                                              output_loading_info=True, **extra, **dict(self.config))
-            if info.get("missing_keys"):
-                log.info("new weights (not in %s): %s", self.pretrained, ", ".join(sorted(info["missing_keys"])))
+            model = self._from_pretrained(cls, extra)
             if len(tokenizer) > model.get_input_embeddings().num_embeddings:
                 model.resize_token_embeddings(len(tokenizer))
+            if model.config.pad_token_id is None:  # GPT-2 checkpoints have none; a classifier needs it
+                model.config.pad_token_id = tokenizer.pad_token_id
         else:
             config = self.hf_config()
             config.vocab_size = len(tokenizer)
@@ -71,6 +74,47 @@ class ModelSpec:
                 setattr(config, k, v)
             model = cls.from_config(config, trust_remote_code=self.trust_remote_code)
         n = sum(p.numel() for p in model.parameters())
-        log.info("model: %s %s, %.2fM parameters%s", self.arch, self.task, n / 1e6,
+        log.info("model: %s %s, %.2fM parameters%s", model.config.model_type, self.task, n / 1e6,
                  f", from {self.pretrained}" if self.pretrained else ", from scratch")
         return model
+
+    def _from_pretrained(self, cls: type, extra: dict) -> PreTrainedModel:
+        """Load the checkpoint for this task; name every weight that is new, replaced or left unused."""
+        saved = self.hf_config()
+        # A classifier checkpoint with another number of classes keeps its encoder and gets a new head.
+        was_classifier = any(a.endswith("ForSequenceClassification") for a in saved.architectures or [])
+        new_head = was_classifier and "num_labels" in extra and saved.num_labels != extra["num_labels"]
+        try:
+            model, info = cls.from_pretrained(self.pretrained, trust_remote_code=self.trust_remote_code,
+                                              output_loading_info=True, ignore_mismatched_sizes=new_head,
+                                              **extra, **dict(self.config))
+        except RuntimeError as e:  # shapes differ: model.config overrides that contradict the checkpoint
+            raise ConfigError(f"model.pretrained={self.pretrained}: the checkpoint's weights do not fit this model "
+                              f"({str(e).splitlines()[0]}); drop the model.config overrides that change sizes") from None
+        src = self.pretrained
+        if info.get("missing_keys"):
+            log.info("new weights, randomly initialized (not in %s): %s", src, ", ".join(sorted(info["missing_keys"])))
+        if info.get("mismatched_keys"):
+            log.info("new weights, replaced (their shape differs in %s): %s", src,
+                     ", ".join(sorted(k[0] for k in info["mismatched_keys"])))
+        if info.get("unexpected_keys"):
+            log.info("weights in %s this task does not use: %s", src, ", ".join(sorted(info["unexpected_keys"])))
+        if not any(info.get(k) for k in ("missing_keys", "mismatched_keys")):
+            log.info("all weights loaded from %s (none new)", src)
+        if self.task == "cls" and "id2label" in extra and not new_head:
+            align_label_order(model, saved.id2label, extra["id2label"])
+        return model
+
+
+def align_label_order(model: PreTrainedModel, saved: dict[int, str], wanted: dict[int, str]) -> None:
+    """A classifier checkpoint trained on the same label names in another order: permute its output rows to ours."""
+    if set(saved.values()) != set(wanted.values()) or all(saved[i] == wanted[i] for i in wanted):
+        return
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == len(wanted)][-1]
+    old_index = {name: i for i, name in saved.items()}
+    perm = torch.tensor([old_index[wanted[i]] for i in range(len(wanted))])
+    with torch.no_grad():
+        head.weight.copy_(head.weight[perm])
+        if head.bias is not None:
+            head.bias.copy_(head.bias[perm])
+    log.info("classifier head: reordered the checkpoint's classes to %s", ", ".join(wanted.values()))
