@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llmtrain.errors import ConfigError, UserError
@@ -55,49 +57,83 @@ def step_dirs(directory: Path) -> list[tuple[int, Path]]:
     return sorted((s, p) for s, p in found if (p / STATE_FILE).exists())
 
 
+def _fsync(paths: list[Path]) -> None:
+    """Flush files (and directories' entries) to disk, so that a rename publishes complete data."""
+    for f in paths:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _recover(directory: Path) -> None:
+    """Finish what a kill interrupted: drop half-written `.tmp-step-*`, restore a `.old-step-*` set aside."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if p.name.startswith(".tmp-step-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".old-step-"):
+            final = directory / p.name[len(".old-"):]
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
+
+
 def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int, is_best: bool) -> Path:
-    """Write checkpoints/step-<step>/ completely, then point `last` (and `best`) at it, then prune old ones."""
+    """Write checkpoints/step-<step>/ completely, then point `last` (and `best`) at it, then prune old ones.
+
+    A kill at any instant leaves every earlier checkpoint, and whatever `last`/`best` point at, loadable.
+    """
     if any(not torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"refusing to save step {step}: the model has non-finite weights "
                         "(lower optimizer.lr, set trainer.max_grad_norm, or use hardware.precision=fp32)")
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step}"
-    tmp = directory / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = directory / f".tmp-step-{step}", directory / f".old-step-{step}"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _recover(directory)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync([*tmp.iterdir(), tmp])
+        if final.exists():  # the same step again (e.g. a run resumed at its end): set the old one aside first
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        _link(directory, "last", final.name)
+        if is_best:
+            _link(directory, "best", final.name)
+        _fsync([directory])
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise UserError(f"no space left to save the checkpoint in {directory}: free disk space or set "
-                            "trainer.keep_last lower; the previous checkpoint is intact") from None
+            raise UserError(f"no space left to save the checkpoint of step {step} in {directory}: free disk space, "
+                            "or set trainer.keep_last lower; the previous checkpoint is intact") from None
         raise
-    _link(directory, "last", final.name)
-    if is_best:
-        _link(directory, "best", final.name)
     prune(directory, keep_last)
     return final
 
 
 def prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints; never the one `best` points at."""
+    """Keep the newest `keep_last` checkpoints; never the ones `best` and `last` point at."""
     if keep_last <= 0:
         return
-    best = (directory / "best").resolve() if (directory / "best").exists() else None
+    keep = {(directory / name).resolve() for name in ("best", "last") if (directory / name).exists()}
     for _, path in step_dirs(directory)[:-keep_last]:
-        if best is None or path.resolve() != best:
+        if path.resolve() not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
 def find(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint `trainer.resume` names: `auto` = the newest complete one in this run, or a path."""
     if resume == "auto":
+        _recover(run_dir / "checkpoints")
         ckpts = step_dirs(run_dir / "checkpoints")
         return ckpts[-1][1] if ckpts else None
     path = Path(os.path.expanduser(resume))
@@ -111,11 +147,25 @@ def find(run_dir: Path, resume: str) -> Path | None:
 
 def load(path: Path, model) -> dict:
     """Load weights into `model` and return the trainer state (tensors only: weights_only=True)."""
-    weights = load_file(path / "model.safetensors")
+    try:
+        weights = load_file(path / "model.safetensors")
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"trainer.resume={path}: cannot read model.safetensors ({e}); "
+                          "pick another checkpoint (checkpoints/step-<N>)") from None
+    own = model.state_dict()
+    resized = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+               if k in own and v.shape != own[k].shape]
+    if resized:
+        raise ConfigError(f"trainer.resume={path}: the checkpoint does not fit this model ({len(resized)} weights "
+                          f"differ in shape, e.g. {resized[0]}); resume with the model config it was trained with")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
         raise ConfigError(f"trainer.resume={path}: the checkpoint does not fit this model "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same model config")
-    return torch.load(path / STATE_FILE, weights_only=True)
+    try:
+        return torch.load(path / STATE_FILE, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ConfigError(f"trainer.resume={path}: {STATE_FILE} is not a plain-tensor trainer state and is not "
+                          f"loaded ({str(e).splitlines()[0][:200]}); pick a checkpoint llmtrain wrote") from None

@@ -54,6 +54,14 @@ def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, probability: fl
     return inputs, labels
 
 
+def label_names(labels: list) -> list[str]:
+    """The distinct labels as strings, in class-id order: integers numerically first, then names alphabetically."""
+    def key(name: str) -> tuple:
+        numeric = name.lstrip("-").isdigit()
+        return (not numeric, int(name) if numeric else 0, name)
+    return sorted({str(x) for x in labels}, key=key)
+
+
 class DataModule:
     """Everything between the raw corpus and the batches the Trainer consumes."""
 
@@ -103,6 +111,9 @@ class DataModule:
         self._load(path)
 
     def _load_raw(self) -> sources.RawCorpus:
+        if self.task == "cls" and self.source != "json":
+            raise ConfigError(f"a classifier (model.task=cls) needs labeled records, and data={self.source} has no "
+                              "labels: use data=json data.path=<.jsonl/.json/.csv with text and label fields>")
         if self.source == "builtin":
             return sources.load_builtin(self.train_words, self.validation_words, self.corpus_seed, self.cache_dir)
         if self.source == "wikitext2":
@@ -144,8 +155,7 @@ class DataModule:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         if self.task == "cls":
-            labels = sorted({str(x) for x in raw.train_labels + raw.validation_labels},
-                            key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+            labels = label_names(raw.train_labels + raw.validation_labels)
             index = {name: i for i, name in enumerate(labels)}
             for split, docs, labs in (("train", raw.train, raw.train_labels),
                                       ("validation", raw.validation, raw.validation_labels)):
@@ -169,12 +179,10 @@ class DataModule:
         if self.task == "cls":
             names = (path / "labels.txt").read_text(encoding="utf-8").splitlines()
             self.id2label = dict(enumerate(names))
-            self.tensors = {s: (d["input_ids"], torch.tensor(d["label"])) for s, d in self.splits.items()}
-            counts = Counter(int(x) for x in self.splits["train"]["label"])
-            log.info("classes (train): %s", ", ".join(f"{names[k]}={v}" for k, v in sorted(counts.items())))
-            if counts and max(counts.values()) > 3 * max(1, min(counts.values())):
-                log.warning("class imbalance: the largest class has %dx the examples of the smallest",
-                            max(counts.values()) // max(1, min(counts.values())))
+            # Python lists of tensors: per-example access to an Arrow column is slow in the batch loop
+            self.tensors = {s: ([torch.tensor(x) for x in d["input_ids"]], torch.tensor(d["label"]))
+                            for s, d in self.splits.items()}
+            self._report_classes(names, Counter(int(x) for x in self.splits["train"]["label"]))
         else:
             self.tensors = {s: (torch.tensor(np.asarray(d.with_format("numpy")["input_ids"])),
                                 torch.tensor(np.asarray(d["length"]))) for s, d in self.splits.items()}
@@ -184,6 +192,21 @@ class DataModule:
                  "examples" if self.task == "cls" else "blocks", self.max_length)
         if n_train == 0 or len(self.splits["validation"]) == 0:
             raise DataError(f"data.path={self.path}: too little text for a training and a validation split")
+
+    @staticmethod
+    def _report_classes(names: list[str], counts: Counter) -> None:
+        """Log the class balance of the training split; warn when one class dwarfs another (or one is absent)."""
+        total = sum(counts.values())
+        log.info("classes (train): %s", ", ".join(f"{name}={counts.get(i, 0)} ({100 * counts.get(i, 0) / total:.0f}%)"
+                                                   for i, name in enumerate(names)))
+        unseen = [name for i, name in enumerate(names) if not counts.get(i)]
+        if unseen:
+            log.warning("labels only in the validation split, never trained on: %s", ", ".join(unseen))
+        seen = [counts[i] for i in range(len(names)) if counts.get(i)]
+        if max(seen) > 3 * min(seen):
+            log.warning("class imbalance: the largest class has %.1fx the examples of the smallest; accuracy alone "
+                        "flatters a classifier that predicts the majority class, so watch eval/macro_f1",
+                        max(seen) / min(seen))
 
     # ---- batches ------------------------------------------------------------------------------
     def num_batches(self, split: str, batch_size: int, world_size: int = 1) -> int:
@@ -199,7 +222,7 @@ class DataModule:
         if world_size > 1:  # pad so every rank gets the same number of batches
             order = torch.cat([order, order[: (-n) % world_size]])[rank::world_size]
         if self.task == "cls":
-            order = self._bucket(order, batch_size)
+            order = self._bucket(order, batch_size, batch_seed(self.seed, epoch, -2))
         for i in range(start, self.num_batches("train", batch_size, world_size)):
             idx = order[i * batch_size:(i + 1) * batch_size]
             yield self._batch("train", idx, batch_seed(self.seed, epoch, i * world_size + rank))
@@ -210,32 +233,37 @@ class DataModule:
         n = len(self.splits["validation"])
         order = torch.arange(n)
         if self.task == "cls":  # sorted by length: least padding
-            order = torch.tensor(sorted(range(n), key=lambda i: len(self.tensors["validation"][0][i])))
+            order = torch.tensor(sorted(range(n), key=lambda i: len(self.tensors["validation"][0][i])), dtype=torch.long)
         total = self.num_batches("validation", batch_size)
         if max_batches:
             total = min(total, max_batches)
         for i in range(rank, total, world_size):
             yield self._batch("validation", order[i * batch_size:(i + 1) * batch_size], batch_seed(self.seed, -1, i))
 
-    def _bucket(self, order: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Sort by length inside windows of 50 batches: less padding, order still random."""
+    def _bucket(self, order: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+        """Sort by length inside windows of 50 batches, then shuffle the batches: little padding, order still random.
+
+        As transformers' LengthGroupedSampler does; the batch shuffle keeps a window from running short to long.
+        """
         lengths = [len(self.tensors["train"][0][i]) for i in order.tolist()]
         window = 50 * batch_size
-        out = []
+        batches: list[list[int]] = []
         for s in range(0, len(order), window):
-            chunk = list(range(s, min(s + window, len(order))))
-            out.extend(sorted(chunk, key=lambda j: lengths[j]))
-        return order[torch.tensor(out, dtype=torch.long)]
+            chunk = sorted(range(s, min(s + window, len(order))), key=lambda j: lengths[j])
+            batches.extend(chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size))
+        # the last batch may be short: keep it last so every other batch is full
+        head = torch.randperm(len(batches) - 1, generator=torch.Generator().manual_seed(seed)).tolist()
+        return order[torch.tensor([j for b in head + [len(batches) - 1] for j in batches[b]], dtype=torch.long)]
 
     def _batch(self, split: str, idx: torch.Tensor, seed: int) -> Batch:
         if self.task == "cls":
             ids, labels = self.tensors[split]
             rows = [ids[i] for i in idx.tolist()]
-            width = max(len(r) for r in rows)
+            width = max(len(r) for r in rows)  # dynamic padding: to the longest example of this batch
             input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
             attention = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):
-                input_ids[j, :len(r)] = torch.tensor(r)
+                input_ids[j, :len(r)] = r
                 attention[j, :len(r)] = 1
             return {"input_ids": input_ids, "attention_mask": attention, "labels": labels[idx]}
         blocks, lengths = self.tensors[split]

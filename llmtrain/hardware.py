@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 
 from llmtrain.errors import ConfigError
@@ -22,6 +23,19 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def compute_cores() -> int:
+    """Cores this process may use (its CPU affinity), counting a core once when it has two hardware threads.
+
+    Matrix kernels keep a core's vector units busy; a second thread on the same core only contends for them.
+    """
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    logical, physical = psutil.cpu_count() or allowed, psutil.cpu_count(logical=False) or allowed
+    return max(1, allowed * physical // max(1, logical))
+
+
 @dataclass
 class Hardware:
     """The resolved hardware settings of a run."""
@@ -33,6 +47,7 @@ class Hardware:
     num_workers: int = 0
     distributed: bool = False
     nproc_per_node: int = 1
+    timeout_s: int = 600
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,6 +78,11 @@ class Hardware:
         return torch.device(self.device)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matrix products run in (what MFU compares against)."""
+        return self.autocast_dtype or torch.float32
+
+    @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
@@ -74,7 +94,7 @@ class Hardware:
 
     def setup(self, seed: int, threads_share: int = 1) -> None:
         """Seed every generator and size the thread pool so processes x threads fit the cores."""
-        threads = self.num_threads or max(1, (os.cpu_count() or 1) // max(1, threads_share))
+        threads = self.num_threads or max(1, compute_cores() // max(1, threads_share))
         torch.set_num_threads(threads)
         random.seed(seed)
         np.random.seed(seed)

@@ -38,6 +38,9 @@ class ModelSpec:
                 return AutoConfig.from_pretrained(self.pretrained, trust_remote_code=self.trust_remote_code,
                                                   **dict(self.config))
             except (OSError, ValueError) as e:
+                if "custom code" in str(e) and not self.trust_remote_code:
+                    raise ConfigError(f"model.pretrained={self.pretrained}: the checkpoint comes with its own Python "
+                                      "code, which runs only with model.trust_remote_code=true (read it first)") from None
                 where = "no such directory" if not os.path.exists(self.pretrained) else str(e).splitlines()[0]
                 raise ConfigError(f"model.pretrained={self.pretrained}: cannot load ({where}); name a local "
                                   "Hugging Face model directory or a reachable Hub id") from None

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,7 +14,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from llmtrain.config import hparams, validate
+from llmtrain import distributed, sweep
+from llmtrain.config import hparams, override_hints, validate
 from llmtrain.errors import UserError
 from llmtrain.tracking import write_json
 from llmtrain.trainer import Interrupted
@@ -37,12 +40,14 @@ def train(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> dict:
     hardware = instantiate(cfg.hardware)
     hardware.setup(cfg.seed)
     data = instantiate(cfg.data, _convert_="all")
-    data.setup()
+    with distributed.main_first():  # one rank tokenizes into the cache, the others reuse it
+        data.setup()
     model = instantiate(cfg.model, _convert_="all").build(data.tokenizer, data.id2label)
     trainer = instantiate(cfg.trainer, _convert_="all")(
         model=model, data=data, optimizer=instantiate(cfg.optimizer, _convert_="all"),
         scheduler=instantiate(cfg.scheduler), hardware=hardware, run_dir=run_dir,
-        hparams=hparams(cfg, model_name, sum(p.numel() for p in model.parameters()), hardware.precision))
+        hparams=hparams(cfg, model_name, sum(p.numel() for p in model.parameters()), hardware.precision,
+                        distributed.world_size()))
     return trainer.fit()
 
 
@@ -52,16 +57,29 @@ def main(cfg: DictConfig) -> float:
     started = time.perf_counter()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    in_sweep = hc.mode == RunMode.MULTIRUN
+    if in_sweep:  # a rerun into the same sweep directory skips finished jobs and resumes interrupted ones
+        if (done := sweep.finished_loss(run_dir)) is not None:
+            return done
+        cfg = sweep.resumable(cfg)
     quiet_libraries()
     try:
-        summary = train(cfg, run_dir, hc.runtime.choices.get("model", "model"))
+        summary = distributed.launch(train, cfg, run_dir, hc.runtime.choices.get("model", "model"))  # here or on N ranks
     except (UserError, Interrupted) as e:
-        log.error("error: %s", e)
+        log.error("%s%s", "" if isinstance(e, Interrupted) else "error: ", e)
+        log.debug("where it was raised (shown with hydra.verbose=llmtrain):", exc_info=True)
         write_json(run_dir / "metrics.json", {"status": "interrupted" if isinstance(e, Interrupted) else "failed",
                                               "error": str(e)})
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # the sweep records this job as failed and carries on with the others
-        sys.exit(e.code if isinstance(e, Interrupted) else 2)
+        if in_sweep and not isinstance(e, Interrupted):
+            return math.nan  # recorded: the sweep runs its other jobs, then exits non-zero naming this one
+        sys.exit(e.code if isinstance(e, Interrupted) else 2)  # an interrupt stops the whole sweep
+    except KeyboardInterrupt:  # Ctrl-C before training began (the trainer handles it from then on)
+        log.error("interrupted before training started; nothing to save")
+        sys.exit(128 + signal.SIGINT)
+    except Exception as e:
+        if not in_sweep:
+            raise
+        return sweep.record_failure(run_dir, e)
     summary.update(status="completed", wall_time_s=time.perf_counter() - started)
     write_json(run_dir / "metrics.json", summary)
     log.info("outputs: %s", run_dir)
@@ -74,4 +92,12 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    if distributed.is_follower():  # under torchrun, ranks > 0 train the jobs rank 0's Hydra composes
+        sys.exit(distributed.follow(train))
+    try:
+        distributed.lead(main)
+    except SystemExit as exit_:
+        if exit_.code == 1:  # Hydra rejected the command line: add a "did you mean" for misspelt keys
+            for hint in override_hints(sys.argv[1:]):
+                print(hint, file=sys.stderr)
+        raise

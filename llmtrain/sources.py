@@ -1,6 +1,7 @@
 """Raw text sources (builtin, wikitext2, text, json): validated, decoded, split, fingerprinted."""
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
@@ -31,8 +32,13 @@ class RawCorpus:
 
 
 def decode(path: Path, encodings: list[str]) -> str:
-    """Decode a file with the first encoding that works, logging which one was used."""
-    data = path.read_bytes()
+    """Decode a file with the first of `encodings` that works, logging which one was used."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path}: UTF-16 text; convert it to UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
     if b"\x00" in data[:8192]:
         raise DataError(f"{path}: looks like a binary file, not text (data.path should name text files)")
     for enc in encodings:
@@ -40,10 +46,14 @@ def decode(path: Path, encodings: list[str]) -> str:
             text = data.decode(enc)
         except (UnicodeDecodeError, LookupError):
             continue
-        if enc != encodings[0]:
-            log.info("%s: decoded as %s", path, enc)
+        sample = text[:8192]
+        controls = sum((ch < " " and ch not in "\t\n\r\f\v") or "\x7f" <= ch <= "\x9f" for ch in sample)
+        if controls > 0.1 * max(1, len(sample)):
+            raise DataError(f"{path}: looks like a binary file, not text (data.path should name text files)")
+        (log.info if enc != encodings[0] else log.debug)("%s: decoded as %s", path, enc)
         return text
-    raise DataError(f"{path}: none of data.encodings={list(encodings)} decodes it; add the file's encoding to data.encodings")
+    raise DataError(f"{path}: none of data.encodings={list(encodings)} decodes it; "
+                    "add the file's encoding to data.encodings")
 
 
 def file_digest(paths: list[Path]) -> str:
@@ -169,22 +179,31 @@ def load_wikitext2(path: str | None, encodings: list[str], cache_dir: Path) -> R
     raise DataError(f"data.path={path}: found neither wiki.train.raw + wiki.valid.raw nor wiki.train.tokens + wiki.valid.tokens")
 
 
-def read_records(path: Path, encodings: list[str]) -> list[dict]:
-    """Records from .jsonl (one object per line), .json (a list of objects) or .csv (a header row)."""
+def read_records(path: Path, encodings: list[str]) -> list[tuple[str, dict]]:
+    """(where, record) pairs from .jsonl (one object per line), .json (a list of objects) or .csv (a header row).
+
+    `where` names the file and, but for a .json list, the line: for error messages.
+    """
     text = decode(path, encodings)
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if path.suffix.lower() == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        return [(f"{path}:{i}", rec) for i, rec in enumerate(csv.DictReader(text.splitlines()), 2)]
     stripped = text.lstrip()
-    if path.suffix.lower() == ".json" and stripped.startswith("["):
+    if path.suffix.lower() == ".json" and stripped.startswith(("[", "{")):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not all(isinstance(r, dict) for r in records):
-            raise DataError(f"{path}: expected a list of objects")
-        return records
+            if stripped.startswith("["):
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            records = None  # perhaps JSON Lines in a .json file
+        if isinstance(records, dict):  # a single record
+            records = [records]
+        if records is not None:
+            for i, rec in enumerate(records, 1):
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}: record {i} is a {type(rec).__name__}, expected an object")
+            return [(str(path), rec) for rec in records]
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -195,7 +214,7 @@ def read_records(path: Path, encodings: list[str]) -> list[dict]:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
+        records.append((f"{path}:{lineno}", rec))
     return records
 
 
@@ -210,11 +229,17 @@ def load_records(path: str, encodings: list[str], text_column: str, label_column
     for f in files:
         stem = f.stem.lower()
         split = "validation" if any(t in stem for t in ("valid", "val", "dev", "test")) and len(files) > 1 else "train"
-        for i, rec in enumerate(read_records(f, encodings), 1):
-            if text_column not in rec or not isinstance(rec[text_column], str):
-                raise DataError(f"{f}: record {i} has no text field {text_column!r} (set data.text_column)")
+        for i, (where, rec) in enumerate(read_records(f, encodings), 1):
+            fields = f"; its fields: {', '.join(map(repr, rec)) or 'none'}"
+            if text_column not in rec:
+                raise DataError(f"{where}: record {i} has no text field {text_column!r} (set data.text_column)"
+                                + fields)
+            if not isinstance(rec[text_column], str):
+                raise DataError(f"{where}: record {i}: the text field {text_column!r} is a "
+                                f"{type(rec[text_column]).__name__}, not a string")
             if need_labels and (label_column not in rec or rec[label_column] in (None, "")):
-                raise DataError(f"{f}: record {i} has no label field {label_column!r} (set data.label_column)")
+                raise DataError(f"{where}: record {i} has no label field {label_column!r} (set data.label_column)"
+                                + fields)
             splits[split][0].append(rec[text_column])
             splits[split][1].append(rec.get(label_column) if need_labels else None)
     train_docs, train_labels = splits["train"]

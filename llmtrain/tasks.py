@@ -5,58 +5,109 @@ targets across all micro-batches of a step, and evaluation can weight every toke
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:  # importing transformers' modeling code costs seconds of start-up; only the type is needed here
+    from transformers import PreTrainedModel
 
 Batch = dict[str, torch.Tensor]
+IGNORE = -100
+COMPILED = "_llmtrain_compiled"  # set on a model by compile_model
 
 
-def _mlm_hidden_head(model: PreTrainedModel):
-    """(encoder, head) for architectures whose MLM head works per position, else None."""
-    kind = model.config.model_type
-    if kind == "distilbert":
-        def head(h: torch.Tensor) -> torch.Tensor:
-            return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
-        return model.distilbert, head
-    if kind == "bert" and hasattr(model, "cls"):
-        return model.bert, model.cls
-    return None
+def _distilbert_head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
+    return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
+
+
+def _bert_head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
+    return model.cls(h)
+
+
+def _roberta_head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(h)
+
+
+# model_type -> (the encoder's attribute, the MLM head as a function of (model, hidden states)). Every head here works
+# position by position, so running it on the masked positions only is the same math as running it everywhere.
+SPARSE_MLM: dict[str, tuple[str, Callable]] = {"distilbert": ("distilbert", _distilbert_head),
+                                               "bert": ("bert", _bert_head), "roberta": ("roberta", _roberta_head)}
+
+
+def sparse_mlm_parts(model: PreTrainedModel) -> tuple[torch.nn.Module, Callable] | None:
+    """(encoder, head) for masked-LM architectures whose head works per position, else None (the dense path)."""
+    entry = SPARSE_MLM.get(model.config.model_type)
+    if entry is None or not hasattr(model, entry[0]):
+        return None
+    return getattr(model, entry[0]), entry[1]
+
+
+def _terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed fp32 cross-entropy, number of targets and correct argmax predictions; IGNORE targets count for nothing."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE
+    loss = F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
+    correct = ((logits.argmax(-1) == targets) & keep).sum()
+    return loss, keep.sum(), correct
+
+
+def _sparse_terms(model: PreTrainedModel, head: Callable, h: torch.Tensor, targets: torch.Tensor):
+    return _terms(head(model, h), targets)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)
 
 
 def mlm_logits(model: PreTrainedModel, batch: Batch, selected: torch.Tensor) -> torch.Tensor:
-    """Logits at the masked positions only.
+    """Logits at the masked positions only (dense, then selected, for architectures not in SPARSE_MLM).
 
     The vocabulary projection is most of a small masked LM's compute; running it on the ~15% of
     positions that carry a target instead of all of them is the same math, several times cheaper.
-    Architectures not listed in _mlm_hidden_head take the dense path.
     """
-    parts = _mlm_hidden_head(model)
+    parts = sparse_mlm_parts(model)
     if parts is None:
         return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[selected]
     encoder, head = parts
     hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
-    return head(hidden[selected])
+    return head(model, hidden[selected])
 
 
 def loss_terms(model: PreTrainedModel, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed loss in fp32, number of targets, number of correct argmax predictions) for one batch."""
     labels = batch["labels"]
-    if task == "cls":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        targets = labels
-    elif task == "mlm":
-        selected = labels != -100
-        logits, targets = mlm_logits(model, batch, selected), labels[selected]
-    else:  # clm: position t predicts token t+1
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
-        targets = labels[:, 1:]
-        keep = targets != -100
-        logits, targets = logits[keep], targets[keep]
-    logits = logits.float()
-    loss = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum()
-    return loss, torch.tensor(targets.numel()), correct
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    compiled = getattr(model, COMPILED, False)
+    parts = sparse_mlm_parts(model) if task == "mlm" else None
+    if parts is not None:
+        encoder, head = parts
+        hidden = encoder(**inputs)[0]
+        selected = labels != IGNORE
+        h, targets = hidden[selected], labels[selected]
+        if not compiled:
+            return _sparse_terms(model, head, h, targets)
+        # the number of masked positions changes every batch: compile the head for any number at once
+        torch._dynamo.maybe_mark_dynamic(h, 0)
+        torch._dynamo.maybe_mark_dynamic(targets, 0)
+        return _compiled(_sparse_terms)(model, head, h, targets)
+    logits = model(**inputs).logits
+    if task == "clm":  # position t predicts token t+1; padding the labels, not slicing the logits, saves a copy
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return (_compiled(_terms) if compiled else _terms)(logits, labels)
+
+
+def compile_model(model: PreTrainedModel, task: str) -> None:
+    """hardware.compile=true: compile, in place, the forward loss_terms runs (the encoder alone on the sparse masked-LM
+    path, else the whole model); loss_terms then also compiles the head and loss. Eager calls stay valid."""
+    parts = sparse_mlm_parts(model) if task == "mlm" else None
+    (parts[0] if parts is not None else model).compile()
+    setattr(model, COMPILED, True)
 
 
 def model_inputs(batch: Batch) -> Batch:

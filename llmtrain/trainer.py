@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import resource
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -13,12 +15,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmtrain import checkpoint, metrics
+from llmtrain import checkpoint, distributed, flops, metrics, profiling
 from llmtrain.data import DataModule
 from llmtrain.errors import UserError
 from llmtrain.hardware import Hardware
-from llmtrain.tasks import loss_terms, model_inputs
-from llmtrain.tracking import Tracker, write_json
+from llmtrain.tasks import compile_model, loss_terms, model_inputs
+from llmtrain.tracking import Tracker, truncate_after, write_json
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,12 @@ log = logging.getLogger(__name__)
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved. `code` is the conventional exit status."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, run_dir: Path | None = None, step: int | None = None):
         self.code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}; resume with trainer.resume=auto")
+        where = f" at step {step}; checkpoint saved in {run_dir}/checkpoints/step-{step}" if run_dir else ""
+        again = f"hydra.run.dir={run_dir} trainer.resume=auto" if run_dir else "trainer.resume=auto"
+        super().__init__(f"stopped by {signal.Signals(signum).name}{where}. To continue, run the same command "
+                         f"with {again}")
 
 
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
@@ -53,10 +58,18 @@ class Trainer:
         self.save_every, self.keep_last, self.eval_max_batches = save_every, keep_last, eval_max_batches
         self.max_bad_steps, self.patience = max_bad_steps, int(early_stopping.get("patience") or 0)
         self.min_delta, self.resume, self.progress, self.profile = float(early_stopping.get("min_delta") or 0), resume, progress, profile
-        self.rank, self.world = 0, 1
-        self.is_main = True
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
         self.model.to(self.hw.torch_device)
+        if hardware.compile:
+            compile_model(self.model, self.task)
+        # measuring the peak rate (once per machine, then cached) draws random matrices: keep the run's RNG out of it,
+        # or a run's dropout would depend on the cache
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if hardware.device == "cuda" else []):
+            self.mfu = flops.MFUMeter(self.model, self.task, hardware.device, hardware.compute_dtype, data.cache_dir)
         self.optimizer = optimizer(self.model, device=self.hw.device)
+        # data-parallel: DDP wraps model+loss (self.model stays the plain model for eval and saving)
+        self.ddp = distributed.wrap(self.model, self.task, self.hw.device) if self.world > 1 else None
         self.steps_per_epoch = math.ceil(data.num_batches("train", batch_size, self.world) / grad_accum_steps)
         self.total_steps = max_steps if max_steps else epochs * self.steps_per_epoch
         self.scheduler = scheduler(self.optimizer, num_training_steps=self.total_steps)
@@ -66,6 +79,9 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
         self.best_eval_loss, self.bad_steps, self.evals_since_best = math.inf, 0, 0
         self.skipped_steps = 0
+        self.stop_ref = math.inf  # early stopping: the eval loss at the last improvement of at least min_delta
+        self.window = {"loss": 0.0, "n": 0}  # the logging window, saved so a resumed run logs the same means
+        self.tracker: Tracker | None = None
         self._signal: int | None = None
 
     # ---- state ------------------------------------------------------------------------------
@@ -73,7 +89,8 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "tokens_seen": self.tokens_seen, "best_eval_loss": self.best_eval_loss, "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps, "evals_since_best": self.evals_since_best,
-                "world_size": self.world, "optimizer": self.optimizer.state_dict(),
+                "early_stopping_ref": self.stop_ref, "log_window": [float(self.window["loss"]), int(self.window["n"])],
+                "world_size": self.world, "batch_size": self.batch_size, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
 
     def restore(self, path: Path) -> None:
@@ -83,10 +100,15 @@ class Trainer:
         for k in ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_eval_loss", "bad_steps", "skipped_steps",
                   "evals_since_best"):
             setattr(self, k, state[k])
-        if state.get("world_size", 1) != self.world:  # recompute the data position from what was consumed
-            consumed = state["batch_in_epoch"] * state.get("world_size", 1)
-            self.batch_in_epoch = consumed // self.world
-        checkpoint.set_rng_state(state["rng"])
+        self.stop_ref = state.get("early_stopping_ref", self.best_eval_loss)
+        self.window["loss"], self.window["n"] = state.get("log_window", (0.0, 0))
+        saved_world, saved_batch = state.get("world_size", 1), state.get("batch_size", self.batch_size)
+        if (saved_world, saved_batch) != (self.world, self.batch_size):  # the same place in the epoch's order
+            self.batch_in_epoch = distributed.resume_position(
+                self.batch_in_epoch, saved_world, saved_batch, self.world, self.batch_size,
+                self.data.num_batches("train", self.batch_size, self.world))
+        checkpoint.set_rng_state(state["rng"])  # rank 0's; the other ranks then draw from their own streams
+        distributed.reseed()
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
 
     @property
@@ -95,6 +117,8 @@ class Trainer:
 
     def save(self, is_best: bool = False) -> None:
         if self.is_main:
+            if self.tracker is not None:  # what the checkpoint covers is on disk before the checkpoint is
+                self.tracker.flush()
             checkpoint.save(self.run_dir / "checkpoints", self.step, self._raw_model, self.data.tokenizer,
                             self.state(), self.keep_last, is_best)
 
@@ -121,6 +145,7 @@ class Trainer:
         totals = self._all_reduce(totals)
         self.model.train()
         if self.task == "cls":
+            preds, refs = distributed.gather(preds), distributed.gather(refs)  # every rank's share of the examples
             self.lm_metric.add_batch(predictions=preds, references=refs)
             out = self.lm_metric.compute()
             loss = float(totals[0] / totals[1])
@@ -159,6 +184,7 @@ class Trainer:
 
     def train_step(self, group: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """One optimizer step over the micro-batches; the loss is normalized by all their target tokens."""
+        self.mfu.add(group)
         device = self.hw.torch_device
         n_total = self._all_reduce(torch.tensor([float(sum(count_targets(b, self.task) for b in group))],
                                                 dtype=torch.float64))[0].item()
@@ -167,10 +193,10 @@ class Trainer:
         for i, batch in enumerate(group):
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
-            sync = contextlib.nullcontext() if (self.world == 1 or i == len(group) - 1) else self.model.no_sync()
+            sync = contextlib.nullcontext() if (self.ddp is None or i == len(group) - 1) else self.ddp.no_sync()
             with sync:
                 with self.hw.autocast():
-                    loss_sum, _, _ = loss_terms(self.model, batch, self.task)
+                    loss_sum, _, _ = self.ddp(batch) if self.ddp else loss_terms(self.model, batch, self.task)
                 # DDP averages gradients over ranks; the global token count is per step, so scale back up
                 loss = loss_sum * (self.world / n_total)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -180,12 +206,20 @@ class Trainer:
         max_norm = self.max_grad_norm if self.max_grad_norm else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         mean_loss = float(self._all_reduce(loss_total.reshape(1))[0] / n_total)
-        if math.isfinite(mean_loss) and math.isfinite(grad_norm):
-            if self.scaler:
+        good = math.isfinite(mean_loss) and (math.isfinite(grad_norm) or self.scaler is not None)
+        if self.scaler:
+            # fp16: the scaler itself skips an update whose gradients overflowed and lowers the scale; that is
+            # how it finds a workable scale, not a fault, so only a non-finite loss counts as a bad step here
+            if good:
                 self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+            self.scaler.update()
+            if good and not math.isfinite(grad_norm):
+                self.skipped_steps += 1
+                log.info("step %d: fp16 gradients overflowed; update skipped, loss scale now %g", self.step + 1,
+                         self.scaler.get_scale())
+        elif good:
+            self.optimizer.step()
+        if good:
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -195,7 +229,8 @@ class Trainer:
             if self.bad_steps >= self.max_bad_steps:
                 raise UserError(f"{self.bad_steps} steps in a row had a non-finite loss or gradient "
                                 f"(trainer.max_bad_steps={self.max_bad_steps}): lower optimizer.lr, set "
-                                "trainer.max_grad_norm (e.g. 1.0), or use hardware.precision=fp32")
+                                "trainer.max_grad_norm (e.g. 1.0)" + (", or use hardware.precision=fp32"
+                                                                      if self.hw.precision != "fp32" else ""))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -210,23 +245,31 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or an early stop), evaluate, save `model/` and metrics.json; return the summary."""
         if self.resume:
-            path = checkpoint.find(self.run_dir, self.resume)
+            with distributed.main_first():  # find() also repairs a checkpoint directory a kill left half-written
+                path = checkpoint.find(self.run_dir, self.resume)
             if path is not None:
                 self.restore(path)
+                if self.is_main:  # records a killed run wrote after this checkpoint would fork the curves
+                    truncate_after(self.run_dir, self.step, self.tokens_seen)
             else:
                 log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", self.run_dir)
-        tracker = Tracker(self.run_dir, self.is_main, purge_step=self.step + 1 if self.step else None)
+        self.model.train()  # from_pretrained returns a model in eval mode: dropout would stay off
+        tracker = self.tracker = Tracker(self.run_dir, self.is_main)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         start, start_tokens = time.perf_counter(), self.tokens_seen
+        self.startup_s = flops.seconds_since_process_start()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main),
                    dynamic_ncols=True)
-        window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.perf_counter()}
+        window = self.window
+        window.update(tokens=0, t=time.perf_counter())
         last_eval: dict[str, float] = {}
         stop_early = False
+        profiler = profiling.step_profiler(self.profile and self.is_main, self.run_dir, self.hw.device)
         try:
             batches = self._micro_batches()
             while self.step < self.total_steps and not stop_early:
                 loss, grad_norm, tokens = self.train_step(next(batches))
+                profiler.step()
                 window["loss"] += loss if math.isfinite(loss) else 0.0
                 window["n"] += 1 if math.isfinite(loss) else 0
                 window["tokens"] += tokens
@@ -234,46 +277,72 @@ class Trainer:
                 if self.step % self.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window["t"]
                     values = {"loss": window["loss"] / max(1, window["n"]), "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": grad_norm, "tokens_per_sec": window["tokens"] / max(elapsed, 1e-9)}
+                              "grad_norm": grad_norm, "tokens_per_sec": window["tokens"] / max(elapsed, 1e-9),
+                              "mfu": self.mfu.window_mfu(elapsed)}
+                    if self.skipped_steps:
+                        values["skipped_steps"] = self.skipped_steps
                     tracker.log("train", self.step, self.tokens_seen, values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
-                    window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.perf_counter()}
+                    window.update(loss=0.0, n=0, tokens=0, t=time.perf_counter())
                 saved = False
                 if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
                     last_eval = self.evaluate()
                     tracker.log("eval", self.step, self.tokens_seen, last_eval)
                     log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f", self.step, last_eval["loss"],
                              last_eval["perplexity"], last_eval["accuracy"])
-                    improved = last_eval["loss"] < self.best_eval_loss - self.min_delta
-                    if improved:
-                        self.best_eval_loss, self.evals_since_best = last_eval["loss"], 0
-                        self.save(is_best=True)
-                        saved = True
+                    # `best` follows the lowest eval loss; patience counts evaluations since one that beat
+                    # the loss of the last counted improvement by at least min_delta (as Keras and Lightning do)
+                    if last_eval["loss"] < self.stop_ref - self.min_delta:
+                        self.stop_ref, self.evals_since_best = last_eval["loss"], 0
                     else:
-                        self.best_eval_loss = min(self.best_eval_loss, last_eval["loss"])
                         self.evals_since_best += 1
                         if self.patience and self.evals_since_best >= self.patience:
-                            log.info("early stopping: no improvement over %d evaluations", self.patience)
+                            log.info("early stopping at step %d: eval loss has not improved by %g over %d "
+                                     "evaluations; best %.4f", self.step, self.min_delta, self.patience,
+                                     min(self.best_eval_loss, last_eval["loss"]))
                             stop_early = True
-                if not saved and self.save_every and self.step % self.save_every == 0:
+                    if last_eval["loss"] < self.best_eval_loss and not stop_early:
+                        self.best_eval_loss = last_eval["loss"]
+                        self.save(is_best=True)
+                        saved = True
+                if not saved and not stop_early and self.save_every and self.step % self.save_every == 0 \
+                        and self.step < self.total_steps:  # the end of the run saves anyway
                     self.save()
-                if self._signal is not None:
+                self._signal = distributed.agreed_signal(self._signal)  # all ranks stop after the same step
+                if self._signal is not None and not stop_early:
                     self.save()
-                    raise Interrupted(self._signal)
+                    raise Interrupted(self._signal, self.run_dir, self.step)
+        except BaseException:
+            tracker.close()
+            self._restore(old_handlers)
+            raise
         finally:
+            profiler.close()
             bar.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+        try:  # a signal from here on lets the run finish: the final evaluation and saves are short
+            return self._finish(tracker, last_eval if stop_early else None, stop_early, start, start_tokens)
+        finally:
+            self._restore(old_handlers)
+
+    @staticmethod
+    def _restore(handlers: dict) -> None:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    def _finish(self, tracker: Tracker, final: dict[str, float] | None, stop_early: bool, start: float,
+                start_tokens: int) -> dict:
+        """Final evaluation (reused when early stopping just evaluated), last checkpoint, model/, summary."""
         train_time = time.perf_counter() - start
-        final = self.evaluate()
-        tracker.log("eval", self.step, self.tokens_seen, final)
-        is_best = final["loss"] < self.best_eval_loss - self.min_delta or not math.isfinite(self.best_eval_loss)
+        if final is None:
+            final = self.evaluate()
+            tracker.log("eval", self.step, self.tokens_seen, final)
+        is_best = final["loss"] < self.best_eval_loss
         self.best_eval_loss = min(self.best_eval_loss, final["loss"])
-        if not stop_early or is_best:
-            self.save(is_best=is_best)
+        self.save(is_best=is_best)
         summary = {f"eval_{k}": v for k, v in final.items()}
         summary.update({"best_eval_loss": self.best_eval_loss, "steps": self.step, "skipped_steps": self.skipped_steps,
                         "tokens_seen": self.tokens_seen, "tokens_per_sec": (self.tokens_seen - start_tokens) / train_time,
+                        "mfu": self.mfu.run_mfu(train_time), "peak_flops": self.mfu.peak, "startup_s": self.startup_s,
                         "train_time_s": train_time, "peak_memory_mb": peak_memory_mb(),
                         "early_stopped": stop_early})
         for k in ("validation_nll_per_word", "unigram_nll_per_word"):
@@ -287,12 +356,19 @@ class Trainer:
         return summary
 
     def _save_final_model(self) -> None:
+        """model/ in Hugging Face format, written aside and swapped in whole."""
         out, tmp = self.run_dir / "model", self.run_dir / ".tmp-model"
-        self._raw_model.save_pretrained(tmp, safe_serialization=True)
-        self.data.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._raw_model.save_pretrained(tmp, safe_serialization=True)
+            self.data.tokenizer.save_pretrained(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise UserError(f"no space left to write {out}: free disk space; the last checkpoint, "
+                                f"{self.run_dir}/checkpoints/last, holds the same weights") from None
+            raise
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         tmp.rename(out)
 

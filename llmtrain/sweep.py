@@ -1,0 +1,143 @@
+"""Sweeps: skip finished jobs and resume interrupted ones, record failures, summarize, split threads between jobs.
+
+Hydra imports this module at start-up (the callback in conf/config.yaml), so it stays free of torch and matplotlib.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus, configure_log
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+THREADS_KEY = "hardware.num_threads"
+
+
+def read_status(run_dir: Path) -> dict:
+    """The run's metrics.json (status `completed`, `failed` or `interrupted`), or {} while it runs or if it died."""
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def finished_loss(run_dir: Path) -> float | None:
+    """The final eval loss of a job that already completed in run_dir (a rerun of the sweep skips it), else None."""
+    status = read_status(run_dir)
+    if status.get("status") != "completed":
+        return None
+    log.info("already completed in %s: skipped (eval loss %s)", run_dir, status.get("eval_loss"))
+    loss = status.get("eval_loss")
+    return float(loss) if loss is not None else math.nan
+
+
+def resumable(cfg: DictConfig) -> DictConfig:
+    """In a sweep every job resumes from its own last checkpoint if it has one (a rerun into the same directory)."""
+    if cfg.trainer.resume is None:
+        cfg.trainer.resume = "auto"
+    return cfg
+
+
+def record_failure(run_dir: Path, error: BaseException) -> float:
+    """Note a failed job in its run directory (traceback in run.log, metrics.json); sweepers see nan and go on."""
+    log.error("job failed: %s", "".join(traceback.format_exception(error)).rstrip())
+    _write_failure(run_dir, error)
+    return math.nan
+
+
+def _write_failure(run_dir: Path, error: BaseException) -> None:
+    from llmtrain.tracking import write_json
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(run_dir) / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+
+
+def constant_keys(overrides: Sequence[str], sweeper_params: Sequence[str] = ()) -> list[str]:
+    """Keys given one value on a sweep's command line (model=gpt2_tiny), as against swept ones (batch_size=8,16, or
+    the sweeper's own `hydra.sweeper.params`); none when nothing is swept (a one-job multirun keeps its name)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if not sweeper_params and not any(o.is_sweep_override() for o in parsed):
+        return []
+    return sorted({o.key_or_group for o in parsed if not o.is_sweep_override()} - set(sweeper_params))
+
+
+class SweepSummary(Callback):
+    """Names job directories by what differs; keeps summary.{csv,md,png} in the sweep directory up to date; fails
+    the sweep, at its end, if a job did.
+
+    The summary is rewritten after every job, so it exists even when a sweep is killed. A job that failed returns
+    nan (run.py) rather than raising, so the sweep runs every job and on_multirun_end is always reached.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra names a job directory by all its task overrides; leave out those every job shares, so that
+        # TensorBoard's run names show what differs (and stay short). The launcher composes each job from the
+        # sweep's hydra overrides, so one appended here reaches every job.
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        keys = constant_keys(list(config.hydra.overrides.task), list(params))
+        if keys:
+            exclude = [*config.hydra.job.config.override_dirname.exclude_keys, *keys]
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.overrides.hydra.append(
+                    "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in exclude) + "]")
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        run_dir = Path(config.hydra.runtime.output_dir)
+        if job_return.status == JobStatus.FAILED and read_status(run_dir).get("status") != "failed":
+            _write_failure(run_dir, job_return._return_value)  # raised outside run.py's own handling
+        self._summarize(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)  # not the last job's run.log
+        runs = self._summarize(Path(config.hydra.sweep.dir))
+        bad = [r for r in runs if r.status != "completed"]
+        if bad:
+            # SystemExit, because Hydra turns a callback's exceptions into warnings
+            raise SystemExit(f"{len(bad)} of {len(runs)} sweep jobs did not complete: " + "; ".join(
+                f"{r.name} ({r.status}: {r.error or 'no metrics.json'})" for r in bad)
+                + f". See {Path(config.hydra.sweep.dir) / 'summary.md'}")
+
+    @staticmethod
+    def _summarize(sweep_dir: Path) -> list:
+        from llmtrain.report import write_summary
+
+        runs = write_summary(sweep_dir)
+        log.info("sweep summary (%d runs): %s", len(runs), sweep_dir / "summary.md")
+        return runs
+
+
+# ---- parallel jobs on one machine -------------------------------------------------------------------------------
+def available_cores() -> int:
+    """Cores this process may use (its CPU affinity, which a container or SLURM allocation narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def plan_parallel(n_jobs: int, n_tasks: int, cores: int) -> tuple[int, int]:
+    """(jobs side by side, threads per job) with jobs x threads <= cores; n_jobs < 0 counts back from the cores."""
+    requested = cores + 1 + n_jobs if n_jobs < 0 else n_jobs  # joblib's convention: -1 = all cores
+    jobs = max(1, min(requested, n_tasks, cores))
+    return jobs, max(1, cores // jobs)
+
+
+def with_threads(overrides: Sequence[str], threads: int) -> list[str]:
+    """A job's overrides with hardware.num_threads set, unless the user set it."""
+    if any(o.lstrip("+~").startswith(f"{THREADS_KEY}=") for o in overrides):
+        return list(overrides)
+    return [*overrides, f"{THREADS_KEY}={threads}"]
