@@ -33,11 +33,14 @@ class StepProfiler:
         log.info("profiling training steps %d-%d into %s", WAIT + WARMUP + 1, WAIT + WARMUP + ACTIVE, self.dir)
 
     def _ready(self, prof: profile) -> None:
+        recorded = min(ACTIVE, self.steps - WAIT - WARMUP)
+        if recorded <= 0:  # stopped before the first recorded step ended: nothing worth writing
+            return
         tensorboard_trace_handler(str(self.dir), worker_name="trainer", use_gzip=False)(prof)
         sort_by = "self_cuda_time_total" if self.device == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort_by, row_limit=TOP_OPS)
         (self.dir / "top_ops.txt").write_text(table + "\n")
-        log.info("top operators over %d profiled steps (by self time):\n%s", ACTIVE, table)
+        log.info("top operators over %d profiled steps (by self time):\n%s", recorded, table)
         log.info("trace written to %s: open it with TensorBoard's profiler plugin or https://ui.perfetto.dev",
                  next(self.dir.glob("*.pt.trace.json"), self.dir))
         self.traced = True
@@ -45,8 +48,8 @@ class StepProfiler:
     def step(self) -> None:
         if self.prof is None:
             return
-        self.prof.step()
         self.steps += 1
+        self.prof.step()
         if self.steps >= WAIT + WARMUP + ACTIVE:
             self.close()
 

@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from llmtrain import distributed, sweep
+from llmtrain import distributed, sweep, workers
 from llmtrain.config import hparams, override_hints, validate
 from llmtrain.errors import UserError
 from llmtrain.tracking import write_json
@@ -64,7 +64,7 @@ def main(cfg: DictConfig) -> float:
         cfg = sweep.resumable(cfg)
     quiet_libraries()
     try:
-        summary = distributed.launch(train, cfg, run_dir, hc.runtime.choices.get("model", "model"))  # here or on N ranks
+        summary = workers.launch(train, cfg, run_dir, hc.runtime.choices.get("model", "model"))  # here or on N ranks
     except (UserError, Interrupted) as e:
         log.error("%s%s", "" if isinstance(e, Interrupted) else "error: ", e)
         log.debug("where it was raised (shown with hydra.verbose=llmtrain):", exc_info=True)
@@ -92,10 +92,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    if distributed.is_follower():  # under torchrun, ranks > 0 train the jobs rank 0's Hydra composes
-        sys.exit(distributed.follow(train))
+    if workers.is_follower():  # under torchrun, ranks > 0 train the jobs rank 0's Hydra composes
+        sys.exit(workers.follow(train))
     try:
-        distributed.lead(main)
+        workers.lead(main)
     except SystemExit as exit_:
         if exit_.code == 1:  # Hydra rejected the command line: add a "did you mean" for misspelt keys
             for hint in override_hints(sys.argv[1:]):

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # importing transformers' modeling code costs seconds of star
 
 Batch = dict[str, torch.Tensor]
 IGNORE = -100
-COMPILED = "_llmtrain_compiled"  # set on a model by compile_model
+COMPILED = "_llmtrain_compiled"  # set on a model by compile_model: the torch.compile backend
 
 
 def _distilbert_head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,8 @@ def _sparse_terms(model: PreTrainedModel, head: Callable, h: torch.Tensor, targe
 
 
 @functools.cache
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn)
+def _compiled(fn: Callable, backend: str) -> Callable:
+    return torch.compile(fn, backend=backend)
 
 
 def mlm_logits(model: PreTrainedModel, batch: Batch, selected: torch.Tensor) -> torch.Tensor:
@@ -83,31 +83,31 @@ def loss_terms(model: PreTrainedModel, batch: Batch, task: str) -> tuple[torch.T
     """(summed loss in fp32, number of targets, number of correct argmax predictions) for one batch."""
     labels = batch["labels"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-    compiled = getattr(model, COMPILED, False)
+    backend = getattr(model, COMPILED, None)
     parts = sparse_mlm_parts(model) if task == "mlm" else None
     if parts is not None:
         encoder, head = parts
         hidden = encoder(**inputs)[0]
         selected = labels != IGNORE
         h, targets = hidden[selected], labels[selected]
-        if not compiled:
+        if backend is None:
             return _sparse_terms(model, head, h, targets)
         # the number of masked positions changes every batch: compile the head for any number at once
         torch._dynamo.maybe_mark_dynamic(h, 0)
         torch._dynamo.maybe_mark_dynamic(targets, 0)
-        return _compiled(_sparse_terms)(model, head, h, targets)
+        return _compiled(_sparse_terms, backend)(model, head, h, targets)
     logits = model(**inputs).logits
     if task == "clm":  # position t predicts token t+1; padding the labels, not slicing the logits, saves a copy
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    return (_compiled(_terms) if compiled else _terms)(logits, labels)
+    return (_compiled(_terms, backend) if backend else _terms)(logits, labels)
 
 
-def compile_model(model: PreTrainedModel, task: str) -> None:
+def compile_model(model: PreTrainedModel, task: str, backend: str = "inductor") -> None:
     """hardware.compile=true: compile, in place, the forward loss_terms runs (the encoder alone on the sparse masked-LM
-    path, else the whole model); loss_terms then also compiles the head and loss. Eager calls stay valid."""
+    path, else the whole model); loss_terms then compiles the head and loss too. Saving and loading are unchanged."""
     parts = sparse_mlm_parts(model) if task == "mlm" else None
-    (parts[0] if parts is not None else model).compile()
-    setattr(model, COMPILED, True)
+    (parts[0] if parts is not None else model).compile(backend=backend)
+    setattr(model, COMPILED, backend)
 
 
 def model_inputs(batch: Batch) -> Batch:

@@ -120,6 +120,7 @@ def test_max_bad_steps_in_a_row_stop_the_run_with_advice(tmp_path: Path, monkeyp
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_weights_that_overflow_are_never_checkpointed(tmp_path: Path) -> None:
     """An update that leaves a weight infinite (as an overflow in low precision can): the next save refuses with
     advice, and `last` stays on the previous, finite checkpoint."""

@@ -113,7 +113,7 @@ def test_kill_9_at_step_25_then_resume_equals_the_uninterrupted_run(tmp_path: Pa
     proc = start_slow_run(RESUME_RUN, run, tmp_path, after=20)
     try:
         wait_for(proc, lambda: (run / "checkpoints" / "step-20" / checkpoint.STATE_FILE).exists()
-                 and logged_past(run, 25))
+                 and logged_past(run, 25) and max(s for s, _ in scalars(run).get("train/loss", [(0, 0)])) >= 25)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
