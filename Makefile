@@ -25,7 +25,12 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(VENV)/.installed
+# The benchmark's peers need Hugging Face Trainer's `accelerate`, which llmtrain itself does not.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(PY) -m benchmarks.bench $(ARGS)
 
 clean:

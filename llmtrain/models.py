@@ -92,8 +92,9 @@ class ModelSpec:
                                               output_loading_info=True, ignore_mismatched_sizes=new_head,
                                               **extra, **dict(self.config))
         except RuntimeError as e:  # shapes differ: model.config overrides that contradict the checkpoint
+            first = str(e).splitlines()[0]
             raise ConfigError(f"model.pretrained={self.pretrained}: the checkpoint's weights do not fit this model "
-                              f"({str(e).splitlines()[0]}); drop the model.config overrides that change sizes") from None
+                              f"({first}); drop the model.config overrides that change sizes") from None
         src = self.pretrained
         if info.get("missing_keys"):
             log.info("new weights, randomly initialized (not in %s): %s", src, ", ".join(sorted(info["missing_keys"])))

@@ -184,7 +184,8 @@ def _label(run: Run, differ: list[str]) -> str:
 
 
 def plot(runs: list[Run], path: Path, title: str) -> None:
-    """Eval loss (left) and train loss (right) against tokens seen, one colour per run, legend best first."""
+    """Eval loss (left) and train loss (right) against tokens seen; one colour, marker and dash per run (runs with
+    the same tokens per step often overlap), legend below, best first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,15 +195,18 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     shown = [r for r in runs if r.eval_curve or r.train_curve]
     differ, _ = differing(runs)
     colors = plt.get_cmap("tab10" if len(shown) <= 10 else "tab20").colors
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110, layout="constrained")
+    cols = 1 if len(shown) <= 3 else 2
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5 + 0.22 * math.ceil(len(shown) / cols)), dpi=110,
+                             layout="constrained")
+    handles = []
     for i, r in enumerate(shown):
-        style = {"color": colors[i % len(colors)], "lw": 2.6 if i == 0 else 1.6}
+        style = {"color": colors[i % len(colors)], "lw": 2.6 if i == 0 else 1.5, "ls": ("-", "--", "-.", ":")[i % 4]}
         if r.eval_curve:
-            x, y = zip(*r.eval_curve)
-            axes[0].plot(x, y, marker="o", ms=4, label=_label(r, differ), **style)
+            handles += axes[0].plot(*zip(*r.eval_curve), marker="osD^vPX*"[i % 8], ms=5, **style)
         if r.train_curve:
-            x, y = zip(*r.train_curve)
-            axes[1].plot(x, y, alpha=0.85, **style)
+            line = axes[1].plot(*zip(*r.train_curve), alpha=0.85, **style)
+            handles += [] if r.eval_curve else line
+        handles[-1].set_label(_label(r, differ))
     for ax, what in zip(axes, ("eval loss", "train loss")):
         ax.set(xlabel="tokens seen", ylabel=what, title=f"{what} vs tokens seen")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
@@ -210,8 +214,8 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     if not shown:
         axes[0].text(0.5, 0.5, "no evaluations yet", ha="center", transform=axes[0].transAxes)
     else:
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", title="best first (final eval loss)",
-                   fontsize=9, title_fontsize=9)
+        fig.legend(handles=handles, loc="outside lower center", ncols=cols, fontsize=9, title_fontsize=9,
+                   title="runs, best first (final eval loss)")
     failed = sum(r.status != "completed" for r in runs)
     fig.suptitle(f"{title}: {len(runs)} runs" + (f", {failed} not completed" if failed else ""), fontsize=11)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import resource
@@ -74,7 +75,6 @@ class Trainer:
         self.total_steps = max_steps if max_steps else epochs * self.steps_per_epoch
         self.scheduler = scheduler(self.optimizer, num_training_steps=self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if hardware.precision == "fp16" else None
-        self.lm_metric = metrics.load("classification" if self.task == "cls" else "lm_metrics")
         # position and counters: everything a checkpoint must restore
         self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
         self.best_eval_loss, self.bad_steps, self.evals_since_best = math.inf, 0, 0
@@ -83,6 +83,11 @@ class Trainer:
         self.window = {"loss": 0.0, "n": 0}  # the logging window, saved so a resumed run logs the same means
         self.tracker: Tracker | None = None
         self._signal: int | None = None
+
+    @functools.cached_property
+    def lm_metric(self):
+        """Loaded at the first evaluation: importing `evaluate` takes seconds the first training step need not wait."""
+        return metrics.load("classification" if self.task == "cls" else "lm_metrics")
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> dict:

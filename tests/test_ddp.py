@@ -170,8 +170,8 @@ def test_a_rank_that_hangs_times_out(tmp_path: Path) -> None:
     """Under torchrun, rank 1 stops answering: rank 0's next collective gives up after hardware.timeout_s, and the
     job ends with that error instead of waiting for ever."""
     started = time.monotonic()
-    proc = run_cli(["--standalone", "--nproc_per_node=2", "--shutdown-timeout=5", "-m", "llmtrain.run", *TINY_GPT,
-                    *DDP, "hardware.timeout_s=10", "trainer.max_steps=50"], tmp_path, timeout=300,
+    proc = run_cli(["--standalone", "--nproc_per_node=2", "-m", "llmtrain.run", *TINY_GPT, *DDP,
+                    "hardware.timeout_s=10", "trainer.max_steps=50"], tmp_path, timeout=300,
                    module="torch.distributed.run", env=hooked_env(tmp_path, HOOK="hang"))
     assert proc.returncode != 0
     assert "timed out" in (proc.stdout + proc.stderr).lower(), proc.stderr[-3000:]
