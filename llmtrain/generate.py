@@ -7,26 +7,23 @@ conf/generate.yaml; arguments are `key=value` as in `python -m llmtrain.run`.
 from __future__ import annotations
 
 import difflib
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase, pipeline, set_seed)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase, pipeline, set_seed)
 
 from llmtrain.errors import ConfigError, UserError
 
-log = logging.getLogger(__name__)
-
 DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "generate.yaml"
-TEXT_KEYS = {"mode", "prompt", "prompt_file", "device"}  # taken verbatim: a prompt is text, not YAML
+TEXT_KEYS = {"mode", "prompt", "prompt_file", "device"}  # taken verbatim; every other setting is a number
 MODES = ("generate", "fill-mask")
 USAGE = ("usage: python -m llmtrain.generate <model dir> [prompt=TEXT | prompt_file=FILE] [max_new_tokens=N] "
          "[temperature=T] [top_k=K] [top_p=P] [no_repeat_ngram_size=N] [num_return_sequences=N] [seed=S] "
-         "[mode=generate|fill-mask]")
+         "[mode=generate|fill-mask] [num_predictions=N]; defaults and the full list: conf/generate.yaml")
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict]:
@@ -49,7 +46,7 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
         if key in TEXT_KEYS:
             settings[key] = raw
             continue
-        expected = type(settings[key])  # every other setting is an int or a float
+        expected = type(settings[key])
         try:
             settings[key] = expected(raw) if expected is float else int(raw)
         except ValueError:
@@ -99,7 +96,7 @@ def prompts_of(s: dict) -> list[str]:
     return lines
 
 
-def model_kind(config) -> str:
+def model_kind(config: PretrainedConfig) -> str:
     """clm, mlm, cls or base (no head), from the saved architecture name."""
     archs = config.architectures or []
     for arch in archs:
@@ -113,6 +110,7 @@ def model_kind(config) -> str:
 
 
 def resolve_model_dir(path: str) -> Path:
+    """The directory holding config.json: the path itself, or a run directory's model/."""
     p = Path(path).expanduser()
     if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
         return p / "model"  # a run directory

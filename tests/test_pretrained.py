@@ -25,8 +25,8 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(labeled data directory, model/ of a tiny DistilBERT masked LM pretrained briefly on its texts)."""
     root = tmp_path_factory.mktemp("pretrained")
     data = topic_dir(root / "data", n_train=400, n_valid=100)
-    train_in_process([*TINY, "model=distilbert_tiny", "data=json", f"data.path={data}", "trainer.max_steps=10"],
-                     root / "mlm")
+    train_in_process([*TINY, "model=distilbert_tiny", "data=json", f"data.path={data}", "trainer.max_steps=10",
+                      "hardware.num_threads=1"], root / "mlm")
     return data, root / "mlm" / "model"
 
 
@@ -140,7 +140,7 @@ def test_real_pretrained_weights_beat_the_same_model_from_scratch(tmp_path: Path
     same_arch = [f"model.config.{k}={arch[k]}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                         "intermediate_size")]
     common = [*TINY, "model=bert_cls", "data=json", f"data.path={tmp_path / 'data'}", "data.max_length=32",
-              "trainer.batch_size=16", "trainer.max_steps=20", "optimizer.lr=5e-5"]
+              "trainer.batch_size=16", "trainer.max_steps=20", "optimizer.lr=5e-5", "hardware.num_threads=1"]
     tuned = train_in_process([*common, f"model.pretrained={path}"], tmp_path / "pretrained")
     scratch = train_in_process([*common, *same_arch, f"data.tokenizer.name={path}"], tmp_path / "scratch")
     assert tuned["eval_accuracy"] >= 0.9, tuned

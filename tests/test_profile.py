@@ -10,10 +10,12 @@ import pytest
 from conftest import TINY_GPT, train_in_process
 from llmtrain import profiling
 
+PROFILED = [*TINY_GPT, "trainer.profile=true", "hardware.num_threads=1"]
+
 
 def test_profile_writes_a_trace_that_parses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
-        s = train_in_process([*TINY_GPT, "trainer.max_steps=8", "trainer.profile=true"], tmp_path)
+        s = train_in_process([*PROFILED, "trainer.max_steps=8"], tmp_path)
     assert s["steps"] == 8  # profiling stops after its steps; training carries on
     traces = list((tmp_path / "profile").glob("*.pt.trace.json"))  # the name TensorBoard's profiler plugin finds
     assert len(traces) == 1
@@ -30,6 +32,6 @@ def test_profile_writes_a_trace_that_parses(tmp_path: Path, caplog: pytest.LogCa
 
 def test_a_run_shorter_than_the_schedule_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        train_in_process([*TINY_GPT, "trainer.max_steps=2", "trainer.profile=true"], tmp_path)
+        train_in_process([*PROFILED, "trainer.max_steps=2"], tmp_path)
     assert "profiling needs at least 3 steps" in caplog.text
     assert not list((tmp_path / "profile").glob("*.pt.trace.json"))
