@@ -1,6 +1,6 @@
 """The peers llmtrain is measured against, each run in a process of its own by benchmarks/bench.py.
 
-    python -m benchmarks.peers {hf_bf16,hf_fp32,seed} --steps N [--budget S] --out FILE -- <llmtrain overrides>
+    python -m benchmarks.peers {hf_bf16,hf_fp32,seed,prepare} --steps N [--budget S] --out FILE -- <overrides>
 
 Every peer builds the same model from the same seed and config as `python -m llmtrain.run <overrides>` does (so the
 initial weights are identical), trains it for N steps of the same batch size, and writes one JSON line per step to
@@ -218,14 +218,16 @@ def seed_loop(overrides: list[str], steps: int, rec: Recorder) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("peer", choices=["hf_bf16", "hf_fp32", "seed"])
+    parser.add_argument("peer", choices=["hf_bf16", "hf_fp32", "seed", "prepare"])
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--budget", type=float, default=float("inf"), help="stop after this many seconds of training")
     parser.add_argument("--out", required=True)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, overrides = parser.parse_args(argv[:cut]), argv[cut + 1:]
     rec = Recorder(args.out)
-    if args.peer == "seed":
+    if args.peer == "prepare":  # fill the caches (tokenizer, packed blocks), so no peer's peak RSS includes that
+        build(overrides)
+    elif args.peer == "seed":
         seed_loop(overrides, args.steps, rec)
     else:
         hf_trainer(overrides, args.peer == "hf_bf16", args.steps, args.budget, rec)

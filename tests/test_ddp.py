@@ -76,8 +76,8 @@ def test_two_ranks_of_8_follow_one_rank_of_16_into_one_run_directory(tmp_path: P
 
     cwd = tmp_path / "two"
     cwd.mkdir()
-    proc = run_cli(["--standalone", "--nproc_per_node=2", "-m", "llmtrain.run", *overrides, *DDP,
-                    "trainer.batch_size=8"], cwd, timeout=400, module="torch.distributed.run")
+    proc = run_cli(["--standalone", "--nproc_per_node=2", f"--log-dir={tmp_path / 'elastic'}", "-m", "llmtrain.run",
+                    *overrides, *DDP, "trainer.batch_size=8"], cwd, timeout=400, module="torch.distributed.run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dirs = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 1, run_dirs  # rank 1 composed nothing and resolved no directory of its own
@@ -170,8 +170,8 @@ def test_a_rank_that_hangs_times_out(tmp_path: Path) -> None:
     """Under torchrun, rank 1 stops answering: rank 0's next collective gives up after hardware.timeout_s, and the
     job ends with that error instead of waiting for ever."""
     started = time.monotonic()
-    proc = run_cli(["--standalone", "--nproc_per_node=2", "-m", "llmtrain.run", *TINY_GPT, *DDP,
-                    "hardware.timeout_s=10", "trainer.max_steps=50"], tmp_path, timeout=300,
+    proc = run_cli(["--standalone", "--nproc_per_node=2", f"--log-dir={tmp_path / 'elastic'}", "-m", "llmtrain.run",
+                    *TINY_GPT, *DDP, "hardware.timeout_s=10", "trainer.max_steps=50"], tmp_path, timeout=300,
                    module="torch.distributed.run", env=hooked_env(tmp_path, HOOK="hang"))
     assert proc.returncode != 0
     assert "timed out" in (proc.stdout + proc.stderr).lower(), proc.stderr[-3000:]
