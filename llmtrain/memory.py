@@ -139,9 +139,12 @@ def main(argv: list[str]) -> None:
         print(json.dumps({**asdict(est), "total": est.total}))
     else:
         print(est.table())
-        if est.total > est.available:
+        if est.largest_batch == 0:
+            print("the run does not fit even at trainer.batch_size=1: choose a smaller model (model.config) or "
+                  "data.max_length, or free memory")
+        elif est.largest_batch < est.batch_size:
             print(f"the run does not fit: lower trainer.batch_size to {est.largest_batch} or below and raise "
-                  f"trainer.grad_accum_steps by x{math.ceil(est.batch_size / max(1, est.largest_batch))}")
+                  f"trainer.grad_accum_steps x{math.ceil(est.batch_size / est.largest_batch)} to keep the batch")
 
 
 if __name__ == "__main__":

@@ -65,22 +65,12 @@ def _compiled(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, backend=backend)
 
 
-def mlm_logits(model: PreTrainedModel, batch: Batch, selected: torch.Tensor) -> torch.Tensor:
-    """Logits at the masked positions only (dense, then selected, for architectures not in SPARSE_MLM).
-
-    The vocabulary projection is most of a small masked LM's compute; running it on the ~15% of
-    positions that carry a target instead of all of them is the same math, several times cheaper.
-    """
-    parts = sparse_mlm_parts(model)
-    if parts is None:
-        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[selected]
-    encoder, head = parts
-    hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
-    return head(model, hidden[selected])
-
-
 def loss_terms(model: PreTrainedModel, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed loss in fp32, number of targets, number of correct argmax predictions) for one batch."""
+    """(summed loss in fp32, number of targets, number of correct argmax predictions) for one batch.
+
+    Masked LM runs the head at the masked positions only (SPARSE_MLM architectures): the vocabulary projection is most
+    of a small masked LM's compute, and running it on the ~15% of positions that carry a target is the same math.
+    """
     labels = batch["labels"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     backend = getattr(model, COMPILED, None)

@@ -171,7 +171,7 @@ def test_hardware_compile_trains_like_eager(tmp_path):
 
 
 MEMORY_CONFIGS = {
-    "tiny": TINY_BERT,
+    "distilbert_4x256": ["model=distilbert_small", *TINY, "data.max_length=128", "trainer.batch_size=16"],
     "gpt2_4x256": ["model=gpt2_small", *TINY, "data.max_length=128", "trainer.batch_size=16"],
     "distilbert_6x768": ["model=distilbert", *TINY, "data.max_length=128", "trainer.batch_size=4"],
 }
