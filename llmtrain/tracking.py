@@ -67,11 +67,10 @@ def truncate_after(run_dir: Path, step: int, tokens: int) -> None:
 class Tracker:
     """Scalars go to TensorBoard twice (per step and per token seen) and to metrics.jsonl once."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir, self.enabled = Path(run_dir), enabled
         if enabled:
-            # purge_step drops events a crashed run wrote after its last checkpoint, so resumed curves don't fork
-            self.tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+            self.tb = SummaryWriter(log_dir=str(self.run_dir))
             self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.last_step, self.tags = 0, set()  # hparams() writes its final values at the last step logged
 

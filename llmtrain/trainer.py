@@ -21,7 +21,7 @@ from llmtrain.data import DataModule
 from llmtrain.errors import UserError
 from llmtrain.hardware import Hardware
 from llmtrain.tasks import compile_model, loss_terms, model_inputs
-from llmtrain.tracking import Tracker, truncate_after, write_json
+from llmtrain.tracking import Tracker, truncate_after
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Trainer:
             loss = float(totals[0] / totals[1])
             return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "accuracy": out["accuracy"],
                     "macro_f1": out["macro_f1"]}
-        lm = metrics.load("lm_metrics") if self.lm_metric is None else self.lm_metric
+        lm = self.lm_metric
         lm.add_batch(loss_sum=[float(totals[0])], n_tokens=[int(totals[1])], n_correct=[int(totals[2])])
         out = lm.compute()
         result = {"loss": out["loss"], "perplexity": out["perplexity"], "accuracy": out["accuracy"]}
