@@ -51,7 +51,7 @@ def cases(quick: bool, data: list[str]) -> list[Case]:
         tiny = ["model=distilbert_tiny", "data=builtin", "data.train_words=20000", "data.validation_words=2000",
                 "data.max_length=64", "trainer.batch_size=8"]
         return [Case("distilbert_tiny (smoke)", tiny, steps=5, warm=1, rounds=1, bf16_budget_s=20)]
-    return [Case("DistilBERT MLM 4x256", ["model=distilbert_small", *common], steps=8, warm=2, rounds=2,
+    return [Case("DistilBERT MLM 4x256", ["model=distilbert_small", *common], steps=20, warm=4, rounds=3,
                  bf16_budget_s=40),
             Case("DistilBERT MLM 6x768", ["model=distilbert", *common], steps=3, warm=1, rounds=2, bf16_budget_s=0,
                  bf16_steps=1),

@@ -106,6 +106,24 @@ def test_peak_flops_is_measured_once_per_dtype_and_cached(tmp_path, monkeypatch)
     assert len(json.loads((tmp_path / "peak_flops.json").read_text())) == 2
 
 
+def test_a_stale_cached_peak_is_measured_again_when_a_run_beats_it(tmp_path):
+    """A peak cached while the machine was busy would give MFU above 100%: the meter measures it again, once."""
+    model = tiny_model("gpt2", "clm")
+    flops.peak_flops("cpu", torch.float32, tmp_path)  # the real key and entry
+    path = tmp_path / "peak_flops.json"
+    cache = json.loads(path.read_text())
+    ((key, entry),) = cache.items()
+    real = entry["flops"]
+    entry["flops"] = 1.0  # as if measured on a machine a billion times busier
+    path.write_text(json.dumps(cache))
+    meter = flops.MFUMeter(model, "clm", "cpu", torch.float32, tmp_path)
+    assert meter.peak == 1.0
+    meter.add([tiny_batch("clm")])
+    mfu = meter.window_mfu(1.0)  # a few MFLOPs in a second: far above 1 FLOP/s, far below the real peak
+    assert meter.peak > real / 100 and mfu < 1
+    assert json.loads(path.read_text())[key]["flops"] == meter.peak
+
+
 def test_real_peak_measurement_is_plausible():
     rate, n = flops.measure_peak("cpu", torch.float32, budget_s=0.2)
     assert 1e8 < rate < 1e14 and n >= 256
