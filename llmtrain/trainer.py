@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -236,7 +237,9 @@ class Trainer:
                                 f"(trainer.max_bad_steps={self.max_bad_steps}): lower optimizer.lr, set "
                                 "trainer.max_grad_norm (e.g. 1.0)" + (", or use hardware.precision=fp32"
                                                                       if self.hw.precision != "fp32" else ""))
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped update still uses up its step of the schedule, on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = int(self._all_reduce(torch.tensor([float(tokens)]))[0])
