@@ -46,21 +46,13 @@ class Recorder:
 def build(overrides: list[str]):
     """(cfg, hardware, data, model) exactly as llmtrain.run.train builds them: same seed, so the same weights."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    from llmtrain.config import validate
-    from llmtrain.run import quiet_libraries
+    from llmtrain.run import quiet_libraries, setup
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    validate(cfg)
     quiet_libraries()
-    hardware = instantiate(cfg.hardware)
-    hardware.setup(cfg.seed)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup()
-    model = instantiate(cfg.model, _convert_="all").build(data.tokenizer, data.id2label)
-    return cfg, hardware, data, model
+    return (cfg, *setup(cfg))
 
 
 def dense_flops(model: torch.nn.Module, task: str):

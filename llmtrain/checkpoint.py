@@ -82,6 +82,16 @@ def _recover(directory: Path) -> None:
                 os.replace(p, final)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # errors a user fixes by freeing disk space
+
+
+def write_model(path: Path, model, tokenizer) -> None:
+    """The model in Hugging Face format (safetensors) and its tokenizer, as from_pretrained reads them."""
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
 def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: int, is_best: bool) -> Path:
     """Write checkpoints/step-<step>/ completely, then point `last` (and `best`) at it, then prune old ones.
 
@@ -95,9 +105,7 @@ def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: i
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _recover(directory)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_model(tmp, model, tokenizer)
         torch.save(state, tmp / STATE_FILE)
         _fsync([*tmp.iterdir(), tmp])
         if final.exists():  # the same step again (e.g. a run resumed at its end): set the old one aside first
@@ -112,7 +120,7 @@ def save(directory: Path, step: int, model, tokenizer, state: dict, keep_last: i
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final.exists():
             os.replace(old, final)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if e.errno in NO_SPACE:
             raise UserError(f"no space left to save the checkpoint of step {step} in {directory}: free disk space, "
                             "or set trainer.keep_last lower; the previous checkpoint is intact") from None
         raise

@@ -154,7 +154,7 @@ def _check_ranges(cfg: DictConfig, problems: list[str], bad: set[str]) -> None:
         if key in bad or value == "__absent__":
             continue
         expected = float if key.split(".")[-1] in FLOAT_KEYS else int
-        if not _type_ok(value, expected):
+        if value is not None and not _matches(value, expected):
             problems.append(f"{key}={value!r} should be a{'n integer' if expected is int else ' number'}: {fix}")
             bad.add(key)
             continue
@@ -177,18 +177,6 @@ def _check_ranges(cfg: DictConfig, problems: list[str], bad: set[str]) -> None:
         if value not in allowed:
             problems.append(f"{key}={value!r}: use one of {', '.join(allowed)}")
             bad.add(key)
-
-
-def _type_ok(value, expected) -> bool:
-    if value is None:
-        return True
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected in (int,):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return True
 
 
 def validate(cfg: DictConfig) -> None:

@@ -25,7 +25,6 @@ from llmtrain.tokenization import cached_tokenizer, load_pretrained_tokenizer, t
 
 log = logging.getLogger(__name__)
 
-TASKS = ("mlm", "clm", "cls")
 PACK_VERSION = 1
 Batch = dict[str, torch.Tensor]
 

@@ -44,7 +44,6 @@ class FlopModel:
     per_sequence: int  # pooler and classifier heads: once per sequence
     layers: int
     width: int
-    task: str
     sparse_head: bool
 
     @classmethod
@@ -57,7 +56,7 @@ class FlopModel:
         cfg = model.config
         head, per_seq = (0, outside + pooled) if task == "cls" else (outside, pooled)
         return cls(body=body, head=head, per_sequence=per_seq, layers=int(cfg.num_hidden_layers),
-                   width=int(cfg.hidden_size), task=task,
+                   width=int(cfg.hidden_size),
                    sparse_head=task == "mlm" and sparse_mlm_parts(model) is not None)
 
     def forward_flops(self, batch: int, length: int, head_positions: int) -> float:

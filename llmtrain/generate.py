@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, pipeline, set_seed)
 
+from llmtrain.config import CONF
 from llmtrain.errors import ConfigError, UserError
 
-DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "generate.yaml"
+DEFAULTS = CONF / "generate.yaml"
 TEXT_KEYS = {"mode", "prompt", "prompt_file", "device"}  # taken verbatim; every other setting is a number
 MODES = ("generate", "fill-mask")
 USAGE = ("usage: python -m llmtrain.generate <model dir> [prompt=TEXT | prompt_file=FILE] [max_new_tokens=N] "
@@ -153,7 +154,7 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: s
         if start is None:
             raise ConfigError("the tokenizer has no start token to generate from: give prompt=...")
         ids = torch.tensor([[start]])
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions, by its attribute_map
     if limit and ids.shape[1] + s["max_new_tokens"] > limit:
         raise ConfigError(f"the prompt ({ids.shape[1]} tokens) plus max_new_tokens={s['max_new_tokens']} is more "
                           f"than the model's {limit} positions: lower max_new_tokens or shorten the prompt")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from dataclasses import dataclass
 
@@ -28,10 +27,9 @@ def compute_cores() -> int:
 
     Matrix kernels keep a core's vector units busy; a second thread on the same core only contends for them.
     """
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        allowed = os.cpu_count() or 1
+    from llmtrain.sweep import available_cores
+
+    allowed = available_cores()
     logical, physical = psutil.cpu_count() or allowed, psutil.cpu_count(logical=False) or allowed
     return max(1, allowed * physical // max(1, logical))
 
@@ -92,9 +90,9 @@ class Hardware:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device, dtype=self.autocast_dtype)
 
-    def setup(self, seed: int, threads_share: int = 1) -> None:
-        """Seed every generator and size the thread pool so processes x threads fit the cores."""
-        threads = self.num_threads or max(1, compute_cores() // max(1, threads_share))
+    def setup(self, seed: int) -> None:
+        """Seed every generator and size the thread pool to the cores (or hardware.num_threads)."""
+        threads = self.num_threads or compute_cores()
         torch.set_num_threads(threads)
         random.seed(seed)
         np.random.seed(seed)

@@ -12,7 +12,6 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import psutil
 import torch
@@ -122,13 +121,14 @@ def main(argv: list[str]) -> None:
     process_bytes = psutil.Process().memory_info().rss
     from hydra import compose, initialize_config_dir
 
+    from llmtrain.config import CONF
     from llmtrain.errors import UserError
     from llmtrain.run import quiet_libraries
 
     as_json = "--json" in argv
     overrides = [a for a in argv if a != "--json"]
     quiet_libraries()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     try:
         est = estimate(cfg, process_bytes)

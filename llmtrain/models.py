@@ -51,9 +51,6 @@ class ModelSpec:
         except TypeError as e:
             raise ConfigError(f"model.config: {e}") from None
 
-    def max_positions(self) -> int | None:
-        return getattr(self.hf_config(), "max_position_embeddings", None)
-
     def build(self, tokenizer: PreTrainedTokenizerBase, id2label: dict[int, str] | None = None) -> PreTrainedModel:
         """Instantiate the model: fresh weights sized to the tokenizer, or the checkpoint's weights."""
         cls = AUTO_CLASSES[self.task]

@@ -32,15 +32,14 @@ def _fused_devices() -> list[str]:
     return _get_fused_kernels_supported_devices()
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-          device: str = "cpu") -> torch.optim.Optimizer:
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+          eps: float) -> torch.optim.Optimizer:
     """AdamW, fused: the whole update in one kernel instead of a dozen per parameter tensor."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
                              **fast_kwargs(model))
 
 
-def sgd(model: torch.nn.Module, lr: float, weight_decay: float, momentum: float,
-        device: str = "cpu") -> torch.optim.Optimizer:
+def sgd(model: torch.nn.Module, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
     """SGD with momentum over the same decay / no-decay groups, fused like adamw."""
     return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, **fast_kwargs(model))
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from llmtrain.sweep import read_status
+
 # (metrics.json key, column title, format)
 METRICS = [("eval_loss", "eval loss", "{:.4f}"), ("eval_perplexity", "perplexity", "{:.2f}"),
            ("eval_accuracy", "accuracy", "{:.4f}"), ("best_eval_loss", "best eval loss", "{:.4f}"),
@@ -90,10 +92,7 @@ def _tokens_per_step(run_dir: Path) -> int | None:
 
 def load_run(run_dir: Path, root: Path) -> Run:
     """Read a run's metrics.json, overrides and curves."""
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = {}
+    metrics = read_status(run_dir)
     try:
         listed = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
     except (OSError, ValueError):

@@ -18,7 +18,7 @@ from llmtrain import distributed, sweep, workers
 from llmtrain.config import hparams, override_hints, validate
 from llmtrain.errors import UserError
 from llmtrain.tracking import write_json
-from llmtrain.trainer import Interrupted
+from llmtrain.trainer import Interrupted, Trainer
 
 log = logging.getLogger("llmtrain")
 
@@ -34,8 +34,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def train(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> dict:
-    """Validate, instantiate and fit one configuration into run_dir; returns the run's summary."""
+def setup(cfg: DictConfig) -> tuple:
+    """Validate one configuration; (hardware, set up; data, tokenized; model), as a run trains them."""
     validate(cfg)
     hardware = instantiate(cfg.hardware)
     hardware.setup(cfg.seed)
@@ -43,12 +43,22 @@ def train(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> dict:
     with distributed.main_first():  # one rank tokenizes into the cache, the others reuse it
         data.setup()
     model = instantiate(cfg.model, _convert_="all").build(data.tokenizer, data.id2label)
-    trainer = instantiate(cfg.trainer, _convert_="all")(
+    return hardware, data, model
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> Trainer:
+    """The Trainer of one configuration, ready to fit into run_dir."""
+    hardware, data, model = setup(cfg)
+    return instantiate(cfg.trainer, _convert_="all")(
         model=model, data=data, optimizer=instantiate(cfg.optimizer, _convert_="all"),
         scheduler=instantiate(cfg.scheduler), hardware=hardware, run_dir=run_dir,
         hparams=hparams(cfg, model_name, sum(p.numel() for p in model.parameters()), hardware.precision,
                         distributed.world_size()))
-    return trainer.fit()
+
+
+def train(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> dict:
+    """Validate, instantiate and fit one configuration into run_dir; returns the run's summary."""
+    return build_trainer(cfg, run_dir, model_name).fit()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -136,8 +136,13 @@ def plan_parallel(n_jobs: int, n_tasks: int, cores: int) -> tuple[int, int]:
     return jobs, max(1, cores // jobs)
 
 
+def sets_threads(overrides: Sequence[str]) -> bool:
+    """Whether these overrides set hardware.num_threads themselves."""
+    return any(o.lstrip("+~").startswith(f"{THREADS_KEY}=") for o in overrides)
+
+
 def with_threads(overrides: Sequence[str], threads: int) -> list[str]:
     """A job's overrides with hardware.num_threads set, unless the user set it."""
-    if any(o.lstrip("+~").startswith(f"{THREADS_KEY}=") for o in overrides):
+    if sets_threads(overrides):
         return list(overrides)
     return [*overrides, f"{THREADS_KEY}={threads}"]

@@ -115,8 +115,7 @@ class Tracker:
     def flush(self) -> None:
         """Put everything logged so far on disk (before a checkpoint: a kill then loses nothing it covers)."""
         if self.enabled:
-            self.tb.flush()
-            self.jsonl.flush()
+            self.tb.flush()  # metrics.jsonl is line-buffered: every record is on disk already
 
     def close(self) -> None:
         if self.enabled:

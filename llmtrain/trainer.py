@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import math
@@ -21,7 +20,7 @@ from llmtrain import checkpoint, distributed, flops, metrics, profiling
 from llmtrain.data import DataModule
 from llmtrain.errors import UserError
 from llmtrain.hardware import Hardware
-from llmtrain.tasks import compile_model, loss_terms, model_inputs
+from llmtrain.tasks import IGNORE, compile_model, loss_terms, model_inputs
 from llmtrain.tracking import Tracker, truncate_after
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     labels = batch["labels"]
     if task == "cls":
         return labels.numel()
-    return int((labels[:, 1:] if task == "clm" else labels).ne(-100).sum())
+    return int((labels[:, 1:] if task == "clm" else labels).ne(IGNORE).sum())
 
 
 class Trainer:
@@ -69,7 +68,7 @@ class Trainer:
         # or a run's dropout would depend on the cache
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if hardware.device == "cuda" else []):
             self.mfu = flops.MFUMeter(self.model, self.task, hardware.device, hardware.compute_dtype, data.cache_dir)
-        self.optimizer = optimizer(self.model, device=self.hw.device)
+        self.optimizer = optimizer(self.model)
         # data-parallel: DDP wraps model+loss (self.model stays the plain model for eval and saving)
         self.ddp = distributed.wrap(self.model, self.task, self.hw.device) if self.world > 1 else None
         self.steps_per_epoch = math.ceil(data.num_batches("train", batch_size, self.world) / grad_accum_steps)
@@ -100,7 +99,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
 
     def restore(self, path: Path) -> None:
-        state = checkpoint.load(path, self._raw_model)
+        state = checkpoint.load(path, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for k in ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_eval_loss", "bad_steps", "skipped_steps",
@@ -117,15 +116,11 @@ class Trainer:
         distributed.reseed()
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
 
-    @property
-    def _raw_model(self) -> torch.nn.Module:
-        return getattr(self.model, "module", self.model)
-
     def save(self, is_best: bool = False) -> None:
         if self.is_main:
             if self.tracker is not None:  # what the checkpoint covers is on disk before the checkpoint is
                 self.tracker.flush()
-            checkpoint.save(self.run_dir / "checkpoints", self.step, self._raw_model, self.data.tokenizer,
+            checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.data.tokenizer,
                             self.state(), self.keep_last, is_best)
 
     # ---- evaluation ---------------------------------------------------------------------------
@@ -237,9 +232,12 @@ class Trainer:
                                 f"(trainer.max_bad_steps={self.max_bad_steps}): lower optimizer.lr, set "
                                 "trainer.max_grad_norm (e.g. 1.0)" + (", or use hardware.precision=fp32"
                                                                       if self.hw.precision != "fp32" else ""))
-        with warnings.catch_warnings():  # a skipped update still uses up its step of the schedule, on purpose
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
+        if good:
             self.scheduler.step()
+        else:  # a skipped update still uses up its step of the schedule, on purpose: no "step order" warning
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = int(self._all_reduce(torch.tensor([float(tokens)]))[0])
@@ -273,63 +271,61 @@ class Trainer:
         last_eval: dict[str, float] = {}
         stop_early = False
         profiler = profiling.step_profiler(self.profile and self.is_main, self.run_dir, self.hw.device)
-        try:
-            batches = self._micro_batches()
-            while self.step < self.total_steps and not stop_early:
-                loss, grad_norm, tokens = self.train_step(next(batches))
-                profiler.step()
-                window["loss"] += loss if math.isfinite(loss) else 0.0
-                window["n"] += 1 if math.isfinite(loss) else 0
-                window["tokens"] += tokens
-                bar.update(1)
-                if self.step % self.log_every == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - window["t"]
-                    values = {"loss": window["loss"] / max(1, window["n"]), "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": grad_norm, "tokens_per_sec": window["tokens"] / max(elapsed, 1e-9),
-                              "mfu": self.mfu.window_mfu(elapsed)}
-                    if self.skipped_steps:
-                        values["skipped_steps"] = self.skipped_steps
-                    tracker.log("train", self.step, self.tokens_seen, values)
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
-                    window.update(loss=0.0, n=0, tokens=0, t=time.perf_counter())
-                saved = False
-                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
-                    last_eval = self.evaluate()
-                    tracker.log("eval", self.step, self.tokens_seen, last_eval)
-                    log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f", self.step, last_eval["loss"],
-                             last_eval["perplexity"], last_eval["accuracy"])
-                    # `best` follows the lowest eval loss; patience counts evaluations since one that beat
-                    # the loss of the last counted improvement by at least min_delta (as Keras and Lightning do)
-                    if last_eval["loss"] < self.stop_ref - self.min_delta:
-                        self.stop_ref, self.evals_since_best = last_eval["loss"], 0
-                    else:
-                        self.evals_since_best += 1
-                        if self.patience and self.evals_since_best >= self.patience:
-                            log.info("early stopping at step %d: eval loss has not improved by %g over %d "
-                                     "evaluations; best %.4f", self.step, self.min_delta, self.patience,
-                                     min(self.best_eval_loss, last_eval["loss"]))
-                            stop_early = True
-                    if last_eval["loss"] < self.best_eval_loss and not stop_early:
-                        self.best_eval_loss = last_eval["loss"]
-                        self.save(is_best=True)
-                        saved = True
-                if not saved and not stop_early and self.save_every and self.step % self.save_every == 0 \
-                        and self.step < self.total_steps:  # the end of the run saves anyway
-                    self.save()
-                self._signal = distributed.agreed_signal(self._signal)  # all ranks stop after the same step
-                if self._signal is not None and not stop_early:
-                    self.save()
-                    raise Interrupted(self._signal, self.run_dir, self.step)
-        except BaseException:
-            tracker.close()
-            self._restore(old_handlers)
-            raise
-        finally:
-            profiler.close()
-            bar.close()
-        try:  # a signal from here on lets the run finish: the final evaluation and saves are short
+        try:  # whatever happens, the tracker is closed and the signal handlers restored
+            try:
+                batches = self._micro_batches()
+                while self.step < self.total_steps and not stop_early:
+                    loss, grad_norm, tokens = self.train_step(next(batches))
+                    profiler.step()
+                    window["loss"] += loss if math.isfinite(loss) else 0.0
+                    window["n"] += 1 if math.isfinite(loss) else 0
+                    window["tokens"] += tokens
+                    bar.update(1)
+                    if self.step % self.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - window["t"]
+                        values = {"loss": window["loss"] / max(1, window["n"]), "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": grad_norm, "tokens_per_sec": window["tokens"] / max(elapsed, 1e-9),
+                                  "mfu": self.mfu.window_mfu(elapsed)}
+                        if self.skipped_steps:
+                            values["skipped_steps"] = self.skipped_steps
+                        tracker.log("train", self.step, self.tokens_seen, values)
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
+                        window.update(loss=0.0, n=0, tokens=0, t=time.perf_counter())
+                    saved = False
+                    if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
+                        last_eval = self.evaluate()
+                        tracker.log("eval", self.step, self.tokens_seen, last_eval)
+                        log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f", self.step, last_eval["loss"],
+                                 last_eval["perplexity"], last_eval["accuracy"])
+                        # `best` follows the lowest eval loss; patience counts evaluations since one that beat
+                        # the loss of the last counted improvement by at least min_delta (as Keras and Lightning do)
+                        if last_eval["loss"] < self.stop_ref - self.min_delta:
+                            self.stop_ref, self.evals_since_best = last_eval["loss"], 0
+                        else:
+                            self.evals_since_best += 1
+                            if self.patience and self.evals_since_best >= self.patience:
+                                log.info("early stopping at step %d: eval loss has not improved by %g over %d "
+                                         "evaluations; best %.4f", self.step, self.min_delta, self.patience,
+                                         min(self.best_eval_loss, last_eval["loss"]))
+                                stop_early = True
+                        if last_eval["loss"] < self.best_eval_loss and not stop_early:
+                            self.best_eval_loss = last_eval["loss"]
+                            self.save(is_best=True)
+                            saved = True
+                    if not saved and not stop_early and self.save_every and self.step % self.save_every == 0 \
+                            and self.step < self.total_steps:  # the end of the run saves anyway
+                        self.save()
+                    self._signal = distributed.agreed_signal(self._signal)  # all ranks stop after the same step
+                    if self._signal is not None and not stop_early:
+                        self.save()
+                        raise Interrupted(self._signal, self.run_dir, self.step)
+            finally:
+                profiler.close()
+                bar.close()
+            # a signal from here on lets the run finish: the final evaluation and saves are short
             return self._finish(tracker, last_eval if stop_early else None, stop_early, start, start_tokens)
         finally:
+            tracker.close()
             self._restore(old_handlers)
 
     @staticmethod
@@ -360,7 +356,6 @@ class Trainer:
             self._save_final_model()
             tracker.hparams(self.hparams, {k: summary[k] for k in ("eval_loss", "eval_perplexity", "eval_accuracy",
                                                                    "best_eval_loss", "tokens_per_sec", "train_time_s")})
-        tracker.close()
         return summary
 
     def _save_final_model(self) -> None:
@@ -368,11 +363,10 @@ class Trainer:
         out, tmp = self.run_dir / "model", self.run_dir / ".tmp-model"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self._raw_model.save_pretrained(tmp, safe_serialization=True)
-            self.data.tokenizer.save_pretrained(tmp)
+            checkpoint.write_model(tmp, self.model, self.data.tokenizer)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if e.errno in checkpoint.NO_SPACE:
                 raise UserError(f"no space left to write {out}: free disk space; the last checkpoint, "
                                 f"{self.run_dir}/checkpoints/last, holds the same weights") from None
             raise

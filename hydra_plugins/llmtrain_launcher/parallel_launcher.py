@@ -11,7 +11,7 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
-from llmtrain.sweep import THREADS_KEY, available_cores, plan_parallel, with_threads
+from llmtrain.sweep import THREADS_KEY, available_cores, plan_parallel, sets_threads, with_threads
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class ParallelLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         cores = available_cores()
         jobs, threads = plan_parallel(self.requested_jobs, len(job_overrides), cores)
-        if any(o.startswith(f"{THREADS_KEY}=") for job in job_overrides for o in job):
+        if any(sets_threads(job) for job in job_overrides):
             log.warning("%s is set on the command line: %d jobs side by side may oversubscribe %d cores",
                         THREADS_KEY, jobs, cores)
         log.info("%d jobs side by side on %d cores, %d thread%s each", jobs, cores, threads, "s" if threads > 1 else "")
