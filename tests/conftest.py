@@ -1,6 +1,7 @@
 """Shared fixtures: hermetic environment (no Hub, a private cache), config composition, tiny overrides."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,10 +31,23 @@ def hermetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    """Compose conf/config.yaml with overrides, as `python -m llmtrain.run` would (hydra keys included)."""
+def compose_cfg(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """Compose conf/config.yaml with overrides, as `python -m llmtrain.run` would (the `hydra` keys if asked)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=False)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+
+
+def build(overrides: list[str], run_dir: Path):
+    """The Trainer `python -m llmtrain.run` would build for these overrides (so a test can reach into it)."""
+    from llmtrain.run import build_trainer
+
+    return build_trainer(compose_cfg(overrides), run_dir)
+
+
+def records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The run's metrics.jsonl records (of one kind: train, eval)."""
+    logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in logged if kind is None or r["kind"] == kind]
 
 
 def train_in_process(overrides: list[str], run_dir: Path) -> dict:

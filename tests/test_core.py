@@ -1,7 +1,6 @@
 """The core runner's behaviour: learning, exact metrics, exact accumulation, reloadable outputs, caching."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,26 +10,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from conftest import TINY_BERT, TINY_GPT, compose_cfg, train_in_process
-from llmtrain.hardware import Hardware
-from llmtrain.trainer import Trainer
+from conftest import TINY_BERT, TINY_GPT, build, compose_cfg, records, train_in_process
 
 NO_DROPOUT_GPT = ["model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.config.attn_pdrop=0.0"]
 NO_DROPOUT_BERT = ["model.config.dropout=0.0", "model.config.attention_dropout=0.0"]
-
-
-def build(overrides: list[str], tmp_path: Path, **trainer_kwargs) -> Trainer:
-    """The objects run.train wires, built from the real composed config."""
-    cfg = compose_cfg(overrides)
-    hw = instantiate(cfg.hardware)
-    hw.setup(cfg.seed)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup()
-    model = instantiate(cfg.model, _convert_="all").build(data.tokenizer, data.id2label)
-    trainer_fn = instantiate(cfg.trainer, _convert_="all")
-    return trainer_fn(model=model, data=data, optimizer=instantiate(cfg.optimizer, _convert_="all"),
-                      scheduler=instantiate(cfg.scheduler), hardware=hw, run_dir=tmp_path, hparams={},
-                      **trainer_kwargs)
 
 
 def test_tiny_causal_lm_learns_between_unigram_and_floor(tmp_path: Path) -> None:
@@ -47,8 +30,7 @@ def test_tiny_causal_lm_learns_between_unigram_and_floor(tmp_path: Path) -> None
 
 def test_masked_lm_loss_falls(tmp_path: Path) -> None:
     s = train_in_process([*TINY_BERT, "trainer.max_steps=60", "optimizer.lr=3e-3", "trainer.log_every=10"], tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r["loss"] for r in records if r["kind"] == "train"]
+    train = [r["loss"] for r in records(tmp_path, "train")]
     assert train[-1] < train[0] - 1.0
     assert s["eval_loss"] < math.log(512) - 1.0  # far better than uniform over the vocabulary
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import ROOT, TINY_BERT, TINY_GPT, compose_cfg, run_cli, train_in_process
+from conftest import ROOT, TINY_BERT, TINY_GPT, compose_cfg, records, run_cli, train_in_process
 from llmtrain import checkpoint, distributed
 from llmtrain.data import DataModule
 
@@ -63,11 +63,6 @@ def hooked_env(tmp_path: Path, **env: str) -> dict:
     return {"PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}", **env}
 
 
-def records(run_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for line in lines if (r := json.loads(line))["kind"] == kind]
-
-
 def test_two_ranks_of_8_follow_one_rank_of_16_into_one_run_directory(tmp_path: Path) -> None:
     """torchrun with 2 ranks x batch 8 (accumulating 2 micro-batches, so no_sync is in play) takes the same
     steps as 1 process x batch 16 from the same weights and data, and writes one run directory, one event file."""
@@ -85,7 +80,7 @@ def test_two_ranks_of_8_follow_one_rank_of_16_into_one_run_directory(tmp_path: P
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
     assert len(list(cwd.rglob("metrics.jsonl"))) == 1 and len(list(cwd.rglob(".hydra"))) == 1
 
-    got, want = records(run), records(tmp_path / "one")
+    got, want = records(run, "train"), records(tmp_path / "one", "train")
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]  # tokens counted over both ranks
     for g, w in zip(got, want):
@@ -124,7 +119,7 @@ def test_interrupted_two_rank_run_resumes_and_moves_to_one_rank(tmp_path: Path) 
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
-        while not ((run / "metrics.jsonl").exists() and any(r["step"] >= 6 for r in records(run))):
+        while not ((run / "metrics.jsonl").exists() and any(r["step"] >= 6 for r in records(run, "train"))):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the run never got to step 6"
             time.sleep(0.1)
@@ -137,11 +132,11 @@ def test_interrupted_two_rank_run_resumes_and_moves_to_one_rank(tmp_path: Path) 
     assert status["status"] == "interrupted" and "trainer.resume=auto" in status["error"]
     stopped = max(s for s, _ in checkpoint.step_dirs(run / "checkpoints"))
     assert stopped >= 6 and stopped < 12
-    assert max(r["step"] for r in records(run)) == stopped  # both ranks stopped after the same step
+    assert max(r["step"] for r in records(run, "train")) == stopped  # both ranks stopped after the same step
 
     proc = run_cli([*overrides, *DDP, f"hydra.run.dir={run}", "trainer.resume=auto"], tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [r["step"] for r in records(run)] == list(range(1, 13))  # continued, no step twice
+    assert [r["step"] for r in records(run, "train")] == list(range(1, 13))  # continued, no step twice
     assert json.loads((run / "metrics.json").read_text())["steps"] == 12
 
     moved = tmp_path / "one-rank"
@@ -150,8 +145,8 @@ def test_interrupted_two_rank_run_resumes_and_moves_to_one_rank(tmp_path: Path) 
     summary = train_in_process([*overrides, "trainer.batch_size=16", "hardware.num_threads=1",
                                 f"trainer.resume={run}/checkpoints/step-8"], moved)
     assert summary["steps"] == 12
-    assert [r["step"] for r in records(moved)] == list(range(9, 13))
-    assert [r["tokens"] for r in records(moved)] == [r["tokens"] for r in records(run)][8:]  # same global batches
+    assert [r["step"] for r in records(moved, "train")] == list(range(9, 13))
+    assert [r["tokens"] for r in records(moved, "train")] == [r["tokens"] for r in records(run, "train")][8:]  # same global batches
 
 
 def test_a_rank_that_fails_takes_the_job_down(tmp_path: Path) -> None:

@@ -157,10 +157,6 @@ def test_bad_config_or_input_fails_cleanly(case, inputs: Path, tmp_path: Path, c
     assert len(output.strip().splitlines()) < 25, output  # short: the message, not a dump
 
 
-def test_table_is_big_enough() -> None:
-    assert len(CASES) >= 20
-
-
 def test_the_real_command_line_reports_every_problem_without_a_traceback(tmp_path: Path) -> None:
     r = run_cli([*TINY, "trainer.batch_size=0", "optimizer.lr=-1", "data.max_length=100000",
                  f"hydra.run.dir={tmp_path}"], cwd=tmp_path)

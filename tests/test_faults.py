@@ -15,32 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_BERT, TINY_GPT, compose_cfg, train_in_process
+from conftest import ROOT, TINY_BERT, TINY_GPT, build, compose_cfg, records, train_in_process
 from llmtrain import checkpoint, trainer as trainer_mod
 from llmtrain.config import validate
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.trainer import Trainer
 from test_errors import run_main
-from test_resume import logged_past, records, start_slow_run, wait_for
+from test_resume import logged_past, start_slow_run, wait_for
 
 FAST = ["hardware.num_threads=1"]
-
-
-def build(overrides: list[str], run_dir: Path) -> Trainer:
-    """The Trainer run.train would build for these overrides (so a test can reach into it)."""
-    cfg = compose_cfg(overrides)
-    validate(cfg)
-    hw = instantiate(cfg.hardware)
-    hw.setup(cfg.seed)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup()
-    model = instantiate(cfg.model, _convert_="all").build(data.tokenizer, data.id2label)
-    return instantiate(cfg.trainer, _convert_="all")(
-        model=model, data=data, optimizer=instantiate(cfg.optimizer, _convert_="all"),
-        scheduler=instantiate(cfg.scheduler), hardware=hw, run_dir=run_dir, hparams={})
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ MFU logged, the memory estimate close to the measured peak."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -135,7 +136,7 @@ def test_optimizers_are_fused_on_cpu():
 
 
 def test_threads_fit_the_cores(monkeypatch):
-    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(hardware.psutil, "cpu_count", lambda logical=True: 8 if logical else 4)
     assert hardware.compute_cores() == 2  # 4 allowed CPUs, two hardware threads per core
 

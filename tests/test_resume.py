@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_BERT, TINY_GPT, train_in_process
+from conftest import ROOT, TINY_BERT, TINY_GPT, records, train_in_process
 from llmtrain import checkpoint
 from llmtrain.data import DataModule
 
@@ -53,10 +53,6 @@ def start_slow_run(overrides: list[str], run_dir: Path, tmp_path: Path, after: i
            "SLOW_DELAY": str(delay)}
     return subprocess.Popen([sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:

@@ -281,25 +281,18 @@ def test_sweeps_started_together_get_their_own_directories(tmp_path: Path) -> No
 def test_scale_out_configs_compose() -> None:
     from hydra.utils import get_class
 
-    slurm = compose_cfg_hydra(["hydra/launcher=slurm"]).hydra.launcher
+    slurm = compose_cfg(["hydra/launcher=slurm"], hydra=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1 and slurm.max_num_timeout > 0
-    assert compose_cfg_hydra(["hydra/launcher=submitit_slurm"]).hydra.launcher._target_.endswith("SlurmLauncher")
-    parallel = compose_cfg_hydra(["hydra/launcher=parallel"]).hydra.launcher
+    assert compose_cfg(["hydra/launcher=submitit_slurm"], hydra=True).hydra.launcher._target_.endswith("SlurmLauncher")
+    parallel = compose_cfg(["hydra/launcher=parallel"], hydra=True).hydra.launcher
     for node in (slurm, parallel):
         get_class(node._target_)  # the plugin is installed and importable
     for name in ("optuna", "lr_search"):
-        sweeper = compose_cfg_hydra([f"hydra/sweeper={name}"]).hydra.sweeper
+        sweeper = compose_cfg([f"hydra/sweeper={name}"], hydra=True).hydra.sweeper
         assert str(sweeper.direction).endswith("minimize")  # an enum or its name
         get_class(sweeper._target_)
-    assert "optimizer.lr" in compose_cfg_hydra(["hydra/sweeper=lr_search"]).hydra.sweeper.params
+    assert "optimizer.lr" in compose_cfg(["hydra/sweeper=lr_search"], hydra=True).hydra.sweeper.params
     assert compose_cfg(["model=gpt2_tiny"]).model  # the plain config is untouched by the hydra options
-
-
-def compose_cfg_hydra(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
 @pytest.mark.slow
