@@ -20,7 +20,7 @@ from llmtrain.errors import ConfigError
 GROUPS = ("model", "data", "optimizer", "scheduler", "trainer", "hardware")
 # Arguments the wiring in run.py supplies at run time, not the YAML.
 RUNTIME_ARGS = {"model", "data", "optimizer", "scheduler", "hardware", "run_dir", "hparams", "num_training_steps",
-                "device", "self"}
+                "device", "self", "settings"}
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # (key, check, what to type instead)

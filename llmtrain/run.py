@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from llmtrain import distributed, sweep, workers
+from llmtrain import distributed, rundir, sweep, workers
 from llmtrain.config import hparams, override_hints, validate
 from llmtrain.errors import UserError
 from llmtrain.tracking import write_json
@@ -53,7 +53,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> 
         model=model, data=data, optimizer=instantiate(cfg.optimizer, _convert_="all"),
         scheduler=instantiate(cfg.scheduler), hardware=hardware, run_dir=run_dir,
         hparams=hparams(cfg, model_name, sum(p.numel() for p in model.parameters()), hardware.precision,
-                        distributed.world_size()))
+                        distributed.world_size()), settings=rundir.settings(cfg))
 
 
 def train(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> dict:
@@ -69,7 +69,8 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
     if in_sweep:  # a rerun into the same sweep directory skips finished jobs and resumes interrupted ones
-        if (done := sweep.finished_loss(run_dir)) is not None:
+        longer = any(c.key in rundir.LENGTH for c in rundir.accepted_changes(run_dir))  # ... and lengthened ones
+        if not longer and (done := sweep.finished_loss(run_dir)) is not None:
             return done
         cfg = sweep.resumable(cfg)
     quiet_libraries()

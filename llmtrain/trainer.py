@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmtrain import checkpoint, distributed, flops, metrics, profiling
+from llmtrain import checkpoint, distributed, flops, metrics, profiling, rundir, state
 from llmtrain.data import DataModule
-from llmtrain.errors import UserError
+from llmtrain.errors import ConfigError, UserError
 from llmtrain.hardware import Hardware
+from llmtrain.state import RunState
 from llmtrain.tasks import IGNORE, compile_model, loss_terms, model_inputs
 from llmtrain.tracking import Tracker, truncate_after
 
@@ -51,7 +52,8 @@ class Trainer:
                  hardware: Hardware, run_dir: str | Path, hparams: dict, epochs: int, max_steps: int | None,
                  batch_size: int, grad_accum_steps: int, max_grad_norm: float | None, log_every: int, eval_every: int,
                  save_every: int, keep_last: int, eval_max_batches: int | None, max_bad_steps: int,
-                 early_stopping: dict, resume: str | None, progress: bool, profile: bool):
+                 early_stopping: dict, resume: str | None, progress: bool, profile: bool,
+                 settings: dict | None = None):
         self.model, self.data, self.hw, self.task = model, data, hardware, data.task
         self.run_dir, self.hparams = Path(run_dir), dict(hparams)
         self.epochs, self.max_steps, self.batch_size, self.accum = epochs, max_steps, batch_size, grad_accum_steps
@@ -73,14 +75,12 @@ class Trainer:
         self.ddp = distributed.wrap(self.model, self.task, self.hw.device) if self.world > 1 else None
         self.steps_per_epoch = math.ceil(data.num_batches("train", batch_size, self.world) / grad_accum_steps)
         self.total_steps = max_steps if max_steps else epochs * self.steps_per_epoch
+        self.make_scheduler = scheduler
         self.scheduler = scheduler(self.optimizer, num_training_steps=self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if hardware.precision == "fp16" else None
-        # position and counters: everything a checkpoint must restore
-        self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
-        self.best_eval_loss, self.bad_steps, self.evals_since_best = math.inf, 0, 0
-        self.skipped_steps = 0
-        self.stop_ref = math.inf  # early stopping: the eval loss at the last improvement of at least min_delta
-        self.window = {"loss": 0.0, "n": 0}  # the logging window, saved so a resumed run logs the same means
+        # position, counters and the settings that made the run: everything a checkpoint restores
+        self.run = RunState(total_steps=self.total_steps, world_size=self.world, batch_size=batch_size,
+                            settings=dict(settings or {}))
         self.tracker: Tracker | None = None
         self._signal: int | None = None
 
@@ -90,38 +90,73 @@ class Trainer:
         return metrics.load("classification" if self.task == "cls" else "lm_metrics")
 
     # ---- state ------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "tokens_seen": self.tokens_seen, "best_eval_loss": self.best_eval_loss, "bad_steps": self.bad_steps,
-                "skipped_steps": self.skipped_steps, "evals_since_best": self.evals_since_best,
-                "early_stopping_ref": self.stop_ref, "log_window": [float(self.window["loss"]), int(self.window["n"])],
-                "world_size": self.world, "batch_size": self.batch_size, "optimizer": self.optimizer.state_dict(),
+    @property
+    def step(self) -> int:
+        return self.run.step
+
+    def state_dict(self) -> dict:
+        return {**self.run.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
 
     def restore(self, path: Path) -> None:
         state = checkpoint.load(path, self.model)
+        saved = RunState()
+        saved.load_state_dict(state)
+        self._check_settings(saved, path)
+        old_total = saved.total_steps or self.total_steps
+        stretch = old_total != self.total_steps and saved.step < old_total
+        if stretch:  # built for the saved length, then stretched: the rate goes on from where it was
+            self.scheduler = self.make_scheduler(self.optimizer, num_training_steps=old_total)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        for k in ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_eval_loss", "bad_steps", "skipped_steps",
-                  "evals_since_best"):
-            setattr(self, k, state[k])
-        self.stop_ref = state.get("early_stopping_ref", self.best_eval_loss)
-        self.window["loss"], self.window["n"] = state.get("log_window", (0.0, 0))
-        saved_world, saved_batch = state.get("world_size", 1), state.get("batch_size", self.batch_size)
-        if (saved_world, saved_batch) != (self.world, self.batch_size):  # the same place in the epoch's order
-            self.batch_in_epoch = distributed.resume_position(
-                self.batch_in_epoch, saved_world, saved_batch, self.world, self.batch_size,
+        self.run = saved
+        if old_total != self.total_steps:
+            self._lengthened(old_total, stretch)
+        self.run.total_steps, self.run.settings = self.total_steps, self.run.settings or {}
+        if (saved.world_size, saved.batch_size) != (self.world, self.batch_size):  # the same place in the epoch
+            self.run.batch_in_epoch = distributed.resume_position(
+                saved.batch_in_epoch, saved.world_size, saved.batch_size, self.world, self.batch_size,
                 self.data.num_batches("train", self.batch_size, self.world))
+        self.run.world_size, self.run.batch_size = self.world, self.batch_size
         checkpoint.set_rng_state(state["rng"])  # rank 0's; the other ranks then draw from their own streams
         distributed.reseed()
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.run.step, self.run.epoch,
+                 self.run.batch_in_epoch)
+
+    def _check_settings(self, saved: RunState, path: Path) -> None:
+        """The checkpoint's settings against this run's (rundir.check); the run's length may only grow."""
+        if saved.settings and self.run.settings:
+            rundir.check(saved.settings, self.run.settings, f"checkpoint {path}")
+            self.run.settings = {**self.run.settings}
+        if saved.total_steps and self.total_steps < saved.total_steps and self.total_steps < saved.step:
+            raise ConfigError(f"trainer.resume={path}: the checkpoint is at step {saved.step}, past this run's end "
+                              f"({self.total_steps} steps): resume with trainer.max_steps of at least {saved.step}")
+
+    def _lengthened(self, old_total: int, stretch: bool) -> None:
+        """A resumed run longer than the saved one: a schedule still under way is stretched over the new remaining
+        steps; one that had ended (a finished run trained further) is the new length's schedule from here on."""
+        step, lr = self.run.step, self.scheduler.get_last_lr()[0]
+        if not self.run.early_stopped:
+            self.run.final_eval = None  # the run goes on: its end-of-run evaluation is still to come
+        if stretch and state.stretch_schedule(self.scheduler, step, old_total, self.total_steps):
+            log.info("the run's length grew from %d to %d steps: the rest of the learning-rate schedule (lr %.3g at "
+                     "step %d) is stretched over steps %d-%d and ends as the old one would have", old_total,
+                     self.total_steps, lr, step, step, self.total_steps)
+            return
+        rates = [base * f(step) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates
+        log.info("the run's length grew from %d to %d steps%s: from step %d the learning rate follows the schedule "
+                 "of a %d-step run (lr %.3g -> %.3g)", old_total, self.total_steps,
+                 " after its schedule had ended" if step >= old_total else "", step, self.total_steps, lr, rates[0])
 
     def save(self, is_best: bool = False) -> None:
         if self.is_main:
             if self.tracker is not None:  # what the checkpoint covers is on disk before the checkpoint is
                 self.tracker.flush()
             checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.data.tokenizer,
-                            self.state(), self.keep_last, is_best)
+                            self.state_dict(), self.keep_last, is_best)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,17 +206,18 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------
     def _micro_batches(self):
         """Yield groups of grad_accum_steps micro-batches, crossing epochs, from the saved position."""
+        run = self.run
         while True:
             group = []
-            for batch in self.data.train_batches(self.batch_size, self.epoch, self.batch_in_epoch, self.rank, self.world):
+            for batch in self.data.train_batches(self.batch_size, run.epoch, run.batch_in_epoch, self.rank, self.world):
                 group.append(batch)
-                self.batch_in_epoch += 1
+                run.batch_in_epoch += 1
                 if len(group) == self.accum:
                     yield group
                     group = []
             if group:  # the epoch's last, shorter step
                 yield group
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
 
     def train_step(self, group: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """One optimizer step over the micro-batches; the loss is normalized by all their target tokens."""
@@ -215,20 +251,21 @@ class Trainer:
                 self.scaler.step(self.optimizer)
             self.scaler.update()
             if good and not math.isfinite(grad_norm):
-                self.skipped_steps += 1
+                self.run.skipped_steps += 1
                 log.info("step %d: fp16 gradients overflowed; update skipped, loss scale now %g", self.step + 1,
                          self.scaler.get_scale())
         elif good:
             self.optimizer.step()
+        run = self.run
         if good:
-            self.bad_steps = 0
+            run.bad_steps = 0
         else:
-            self.bad_steps += 1
-            self.skipped_steps += 1
+            run.bad_steps += 1
+            run.skipped_steps += 1
             log.warning("step %d: non-finite %s; update skipped (%d in a row)", self.step + 1,
-                        "loss" if not math.isfinite(mean_loss) else "gradient", self.bad_steps)
-            if self.bad_steps >= self.max_bad_steps:
-                raise UserError(f"{self.bad_steps} steps in a row had a non-finite loss or gradient "
+                        "loss" if not math.isfinite(mean_loss) else "gradient", run.bad_steps)
+            if run.bad_steps >= self.max_bad_steps:
+                raise UserError(f"{run.bad_steps} steps in a row had a non-finite loss or gradient "
                                 f"(trainer.max_bad_steps={self.max_bad_steps}): lower optimizer.lr, set "
                                 "trainer.max_grad_norm (e.g. 1.0)" + (", or use hardware.precision=fp32"
                                                                       if self.hw.precision != "fp32" else ""))
@@ -239,9 +276,9 @@ class Trainer:
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        run.step += 1
         tokens = int(self._all_reduce(torch.tensor([float(tokens)]))[0])
-        self.tokens_seen += tokens
+        run.tokens_seen += tokens
         return mean_loss, grad_norm, tokens
 
     def _on_signal(self, signum, frame) -> None:
@@ -251,104 +288,128 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or an early stop), evaluate, save `model/` and metrics.json; return the summary."""
         if self.resume:
-            with distributed.main_first():  # find() also repairs a checkpoint directory a kill left half-written
-                path = checkpoint.find(self.run_dir, self.resume)
-            if path is not None:
-                self.restore(path)
-                if self.is_main:  # records a killed run wrote after this checkpoint would fork the curves
-                    truncate_after(self.run_dir, self.step, self.tokens_seen)
-            else:
-                log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", self.run_dir)
+            self._resume()
         self.model.train()  # from_pretrained returns a model in eval mode: dropout would stay off
         tracker = self.tracker = Tracker(self.run_dir, self.is_main)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        start, start_tokens = time.perf_counter(), self.tokens_seen
-        self.startup_s = flops.seconds_since_process_start()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.progress and self.is_main),
-                   dynamic_ncols=True)
-        window = self.window
-        window.update(tokens=0, t=time.perf_counter())
-        last_eval: dict[str, float] = {}
-        stop_early = False
-        profiler = profiling.step_profiler(self.profile and self.is_main, self.run_dir, self.hw.device)
         try:  # whatever happens, the tracker is closed and the signal handlers restored
-            try:
-                batches = self._micro_batches()
-                while self.step < self.total_steps and not stop_early:
-                    loss, grad_norm, tokens = self.train_step(next(batches))
-                    profiler.step()
-                    window["loss"] += loss if math.isfinite(loss) else 0.0
-                    window["n"] += 1 if math.isfinite(loss) else 0
-                    window["tokens"] += tokens
-                    bar.update(1)
-                    if self.step % self.log_every == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - window["t"]
-                        values = {"loss": window["loss"] / max(1, window["n"]), "lr": self.scheduler.get_last_lr()[0],
-                                  "grad_norm": grad_norm, "tokens_per_sec": window["tokens"] / max(elapsed, 1e-9),
-                                  "mfu": self.mfu.window_mfu(elapsed)}
-                        if self.skipped_steps:
-                            values["skipped_steps"] = self.skipped_steps
-                        tracker.log("train", self.step, self.tokens_seen, values)
-                        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
-                        window.update(loss=0.0, n=0, tokens=0, t=time.perf_counter())
-                    saved = False
-                    if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total_steps:
-                        last_eval = self.evaluate()
-                        tracker.log("eval", self.step, self.tokens_seen, last_eval)
-                        log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f", self.step, last_eval["loss"],
-                                 last_eval["perplexity"], last_eval["accuracy"])
-                        # `best` follows the lowest eval loss; patience counts evaluations since one that beat
-                        # the loss of the last counted improvement by at least min_delta (as Keras and Lightning do)
-                        if last_eval["loss"] < self.stop_ref - self.min_delta:
-                            self.stop_ref, self.evals_since_best = last_eval["loss"], 0
-                        else:
-                            self.evals_since_best += 1
-                            if self.patience and self.evals_since_best >= self.patience:
-                                log.info("early stopping at step %d: eval loss has not improved by %g over %d "
-                                         "evaluations; best %.4f", self.step, self.min_delta, self.patience,
-                                         min(self.best_eval_loss, last_eval["loss"]))
-                                stop_early = True
-                        if last_eval["loss"] < self.best_eval_loss and not stop_early:
-                            self.best_eval_loss = last_eval["loss"]
-                            self.save(is_best=True)
-                            saved = True
-                    if not saved and not stop_early and self.save_every and self.step % self.save_every == 0 \
-                            and self.step < self.total_steps:  # the end of the run saves anyway
-                        self.save()
-                    self._signal = distributed.agreed_signal(self._signal)  # all ranks stop after the same step
-                    if self._signal is not None and not stop_early:
-                        self.save()
-                        raise Interrupted(self._signal, self.run_dir, self.step)
-            finally:
-                profiler.close()
-                bar.close()
+            start, start_tokens = time.perf_counter(), self.run.tokens_seen
+            self.startup_s = flops.seconds_since_process_start()
+            self._train(tracker)
             # a signal from here on lets the run finish: the final evaluation and saves are short
-            return self._finish(tracker, last_eval if stop_early else None, stop_early, start, start_tokens)
+            return self._finish(tracker, start, start_tokens)
         finally:
             tracker.close()
             self._restore(old_handlers)
+
+    def _resume(self) -> None:
+        """Continue from the checkpoint trainer.resume names; what the stopped run recorded after it is dropped."""
+        with distributed.main_first():  # find() also repairs a checkpoint directory a kill left half-written
+            path = checkpoint.find(self.run_dir, self.resume)
+        if path is not None:
+            self.restore(path)
+        elif self.is_main:
+            log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh%s", self.run_dir,
+                     " (the records of the run that stopped before its first checkpoint are cleared)"
+                     if (self.run_dir / "metrics.jsonl").exists() else "")
+        if self.is_main:  # records a stopped run wrote after this checkpoint (or with none: all) would fork the curves
+            truncate_after(self.run_dir, self.run.step, self.run.tokens_seen)
+
+    def _train(self, tracker: Tracker) -> None:
+        """The loop: one optimizer step, then each once-in-a-while block behind its own condition."""
+        run, window = self.run, {"tokens": 0, "t": time.perf_counter()}
+        bar = tqdm(total=self.total_steps, initial=run.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.progress and self.is_main))
+        profiler = profiling.step_profiler(self.profile and self.is_main, self.run_dir, self.hw.device)
+        try:
+            batches = self._micro_batches()
+            while run.step < self.total_steps and not run.early_stopped:
+                loss, grad_norm, tokens = self.train_step(next(batches))
+                profiler.step()
+                bar.update(1)
+                if math.isfinite(loss):
+                    run.window_loss, run.window_n = run.window_loss + loss, run.window_n + 1
+                window["tokens"] += tokens
+                if run.step % self.log_every == 0 or run.step == self.total_steps:
+                    self._log_train(tracker, grad_norm, window, bar)
+                saved = self._maybe_evaluate(tracker)
+                if not saved and not run.early_stopped and self._due(self.save_every):
+                    self.save()  # the end of the run saves anyway
+                self._signal = distributed.agreed_signal(self._signal)  # all ranks stop after the same step
+                if self._signal is not None and not run.early_stopped:
+                    self.save()
+                    raise Interrupted(self._signal, self.run_dir, run.step)
+        finally:
+            profiler.close()
+            bar.close()
+
+    def _due(self, every: int) -> bool:
+        """Every `every` steps (0: never), except at the run's last step, which the end of the run covers."""
+        return bool(every) and self.run.step % every == 0 and self.run.step < self.total_steps
+
+    def _log_train(self, tracker: Tracker, grad_norm: float, window: dict, bar) -> None:
+        run = self.run
+        elapsed = time.perf_counter() - window["t"]
+        values = {"loss": run.window_loss / max(1, run.window_n), "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm, "tokens_per_sec": window["tokens"] / max(elapsed, 1e-9),
+                  "mfu": self.mfu.window_mfu(elapsed)}
+        if run.skipped_steps:
+            values["skipped_steps"] = run.skipped_steps
+        tracker.log("train", run.step, run.tokens_seen, values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:.0f}")
+        run.window_loss, run.window_n = 0.0, 0
+        window.update(tokens=0, t=time.perf_counter())
+
+    def _maybe_evaluate(self, tracker: Tracker) -> bool:
+        """Every eval_every steps: evaluate, keep `best`, count patience (an early stop ends the loop with this
+        evaluation as the final one). True when it saved a checkpoint."""
+        run = self.run
+        if not self._due(self.eval_every):
+            return False
+        result = self.evaluate()
+        tracker.log("eval", run.step, run.tokens_seen, result)
+        log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f", run.step, result["loss"],
+                 result["perplexity"], result["accuracy"])
+        # `best` follows the lowest eval loss; patience counts evaluations since one that beat the loss of the last
+        # counted improvement by at least min_delta (as Keras and Lightning do)
+        if result["loss"] < run.early_stopping_ref - self.min_delta:
+            run.early_stopping_ref, run.evals_since_best = result["loss"], 0
+        else:
+            run.evals_since_best += 1
+            if self.patience and run.evals_since_best >= self.patience:
+                log.info("early stopping at step %d: eval loss has not improved by %g over %d evaluations; best %.4f",
+                         run.step, self.min_delta, self.patience, min(run.best_eval_loss, result["loss"]))
+                run.early_stopped, run.final_eval = True, result
+                return False
+        if result["loss"] < run.best_eval_loss:
+            run.best_eval_loss = result["loss"]
+            self.save(is_best=True)
+            return True
+        return False
 
     @staticmethod
     def _restore(handlers: dict) -> None:
         for s, h in handlers.items():
             signal.signal(s, h)
 
-    def _finish(self, tracker: Tracker, final: dict[str, float] | None, stop_early: bool, start: float,
-                start_tokens: int) -> dict:
-        """Final evaluation (reused when early stopping just evaluated), last checkpoint, model/, summary."""
+    def _finish(self, tracker: Tracker, start: float, start_tokens: int) -> dict:
+        """Final evaluation (once: an early stop's, or one a resumed run already made), last checkpoint, model/,
+        summary."""
+        run = self.run
         train_time = time.perf_counter() - start
+        final = run.final_eval
         if final is None:
-            final = self.evaluate()
-            tracker.log("eval", self.step, self.tokens_seen, final)
-        is_best = final["loss"] < self.best_eval_loss
-        self.best_eval_loss = min(self.best_eval_loss, final["loss"])
+            final = run.final_eval = self.evaluate()
+            tracker.log("eval", run.step, run.tokens_seen, final)
+        is_best = final["loss"] < run.best_eval_loss
+        run.best_eval_loss = min(run.best_eval_loss, final["loss"])
         self.save(is_best=is_best)
         summary = {f"eval_{k}": v for k, v in final.items()}
-        summary.update({"best_eval_loss": self.best_eval_loss, "steps": self.step, "skipped_steps": self.skipped_steps,
-                        "tokens_seen": self.tokens_seen, "tokens_per_sec": (self.tokens_seen - start_tokens) / train_time,
+        summary.update({"best_eval_loss": run.best_eval_loss, "steps": run.step, "skipped_steps": run.skipped_steps,
+                        "tokens_seen": run.tokens_seen, "tokens_per_sec": (run.tokens_seen - start_tokens) / train_time,
                         "mfu": self.mfu.run_mfu(train_time), "peak_flops": self.mfu.peak, "startup_s": self.startup_s,
                         "train_time_s": train_time, "peak_memory_mb": peak_memory_mb(),
-                        "early_stopped": stop_early})
+                        "early_stopped": run.early_stopped})
         for k in ("validation_nll_per_word", "unigram_nll_per_word"):
             if k in self.data.info:
                 summary[f"corpus_{k}"] = self.data.info[k]
