@@ -72,7 +72,7 @@ class Tracker:
         if enabled:
             self.tb = SummaryWriter(log_dir=str(self.run_dir))
             self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        self.last_step, self.tags = 0, set()  # hparams() writes its final values at the last step logged
+        self.tags: set[str] = set()
 
     def log(self, kind: str, step: int, tokens: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -84,13 +84,16 @@ class Tracker:
             self.tags.add(f"{kind}/{name}")
             if name in ("loss", "perplexity", "accuracy"):
                 self.tb.add_scalar(f"{kind}_vs_tokens/{name}", value, tokens)
-        self.last_step = max(self.last_step, step)
         record = {"kind": kind, "step": step, "tokens": tokens, "time": time.time(),
                   **{k: _clean(float(v)) if v is not None else None for k, v in values.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
 
-    def hparams(self, hparams: dict, metrics: dict) -> None:
-        """An HParams entry in this run's own event file (not a nested sub-run), with the final metrics.
+    def logged_before(self, kind: str, values: dict) -> None:
+        """These scalars are in the run's earlier event files already (a resumed run): hparams() must not add them."""
+        self.tags |= {f"{kind}/{name}" for name in values}
+
+    def hparams(self, hparams: dict, metrics: dict, step: int) -> None:
+        """An HParams entry in this run's own event file (not a nested sub-run), with the final metrics at `step`.
 
         The dashboard shows a metric column as the last value of the scalar with that tag, so `eval_loss` points
         at the `eval/loss` curve (whose last point is the final evaluation); the rest are logged as `final/<name>`.
@@ -105,7 +108,7 @@ class Tracker:
                 continue
             tag = name.replace("_", "/", 1) if name.startswith("eval_") else f"final/{name}"
             if tag not in self.tags:
-                self.tb.add_scalar(tag, value, self.last_step)
+                self.tb.add_scalar(tag, value, step)
             finals[tag] = float(value)
         exp, ssi, sei = hparams_summary(hp, finals)
         writer = self.tb._get_file_writer()

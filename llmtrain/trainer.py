@@ -401,6 +401,8 @@ class Trainer:
         if final is None:
             final = run.final_eval = self.evaluate()
             tracker.log("eval", run.step, run.tokens_seen, final)
+        else:  # logged before this run was stopped (or as the early stop's evaluation): not again
+            tracker.logged_before("eval", final)
         is_best = final["loss"] < run.best_eval_loss
         run.best_eval_loss = min(run.best_eval_loss, final["loss"])
         self.save(is_best=is_best)
@@ -416,7 +418,8 @@ class Trainer:
         if self.is_main:
             self._save_final_model()
             tracker.hparams(self.hparams, {k: summary[k] for k in ("eval_loss", "eval_perplexity", "eval_accuracy",
-                                                                   "best_eval_loss", "tokens_per_sec", "train_time_s")})
+                                                                   "best_eval_loss", "tokens_per_sec", "train_time_s")},
+                            run.step)
         return summary
 
     def _save_final_model(self) -> None:

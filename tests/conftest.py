@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -64,3 +66,65 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, module: str = "llm
     """Run `python -m llmtrain.run ARGS` in a subprocess, the way a user does."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+# A real run through the real entry point, with every step after SLOW_AFTER slowed down so that a test can
+# kill it mid-run, and TensorBoard flushing at once so the killed run leaves events past its checkpoint.
+SLOW_RUN = """
+import os, runpy, sys, time
+from functools import partial
+from llmtrain import tracking, trainer
+after, delay = int(os.environ["SLOW_AFTER"]), float(os.environ["SLOW_DELAY"])
+train_step = trainer.Trainer.train_step
+def slow_step(self, group):
+    out = train_step(self, group)
+    if self.step > after:
+        time.sleep(delay)
+    return out
+trainer.Trainer.train_step = slow_step
+tracking.SummaryWriter = partial(tracking.SummaryWriter, flush_secs=0.01)
+if os.environ.get("SLOW_MODEL_S"):  # hold the final model/ half-done (written aside, not yet swapped in)
+    from llmtrain import checkpoint
+    write_model = checkpoint.write_model
+    def slow_write_model(path, *args):
+        write_model(path, *args)
+        if path.name == ".tmp-model":
+            time.sleep(float(os.environ["SLOW_MODEL_S"]))
+    checkpoint.write_model = slow_write_model
+sys.argv[0] = os.path.join(os.environ["LLMTRAIN_ROOT"], "llmtrain", "run.py")
+runpy.run_module("llmtrain.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def start_slow_run(overrides: list[str], run_dir: Path, tmp_path: Path, after: int, delay: float = 0.3,
+                   env: dict | None = None) -> subprocess.Popen:
+    """`python -m llmtrain.run` into run_dir, each step after `after` slowed by `delay` s (SLOW_RUN)."""
+    script = tmp_path / "slow_run.py"
+    script.write_text(SLOW_RUN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LLMTRAIN_ROOT": str(ROOT), "SLOW_AFTER": str(after),
+           "SLOW_DELAY": str(delay), **(env or {})}
+    return subprocess.Popen([sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be stopped:\n"
+                                 f"{proc.stdout.read()}")
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.02)
+
+
+def logged_past(run_dir: Path, step: int) -> bool:
+    try:
+        return any(r["kind"] == "train" and r["step"] >= step for r in records(run_dir))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -1,81 +1,25 @@
 """Exact resume: a run killed with SIGKILL and resumed equals one that never stopped; checkpoints are crash-safe."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_BERT, TINY_GPT, records, train_in_process
+from conftest import TINY_BERT, TINY_GPT, logged_past, records, scalars, start_slow_run, train_in_process, wait_for
 from llmtrain import checkpoint
 from llmtrain.data import DataModule
-
-# A real run through the real entry point, with every step after SLOW_AFTER slowed down so that a test can
-# kill it mid-run, and TensorBoard flushing at once so the killed run leaves events past its checkpoint.
-SLOW_RUN = """
-import os, runpy, sys, time
-from functools import partial
-from llmtrain import tracking, trainer
-after, delay = int(os.environ["SLOW_AFTER"]), float(os.environ["SLOW_DELAY"])
-train_step = trainer.Trainer.train_step
-def slow_step(self, group):
-    out = train_step(self, group)
-    if self.step > after:
-        time.sleep(delay)
-    return out
-trainer.Trainer.train_step = slow_step
-tracking.SummaryWriter = partial(tracking.SummaryWriter, flush_secs=0.01)
-sys.argv[0] = os.path.join(os.environ["LLMTRAIN_ROOT"], "llmtrain", "run.py")
-runpy.run_module("llmtrain.run", run_name="__main__", alter_sys=True)
-"""
 
 # 479 training blocks / batch 8 = 60 micro-batches = 30 steps per epoch: 40 steps cross an epoch boundary,
 # and the checkpoint at step 20 is mid-epoch. Dropout, masking and shuffling are all in play.
 RESUME_RUN = [*TINY_BERT, "hardware.num_threads=1", "trainer.max_steps=40", "trainer.grad_accum_steps=2",
               "trainer.save_every=20", "trainer.eval_every=10", "trainer.log_every=5", "trainer.keep_last=0"]
-
-
-def start_slow_run(overrides: list[str], run_dir: Path, tmp_path: Path, after: int, delay: float = 0.3):
-    script = tmp_path / "slow_run.py"
-    script.write_text(SLOW_RUN)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LLMTRAIN_ROOT": str(ROOT), "SLOW_AFTER": str(after),
-           "SLOW_DELAY": str(delay)}
-    return subprocess.Popen([sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be stopped:\n"
-                                 f"{proc.stdout.read()}")
-        assert time.monotonic() < deadline, "the run never got there"
-        time.sleep(0.02)
-
-
-def logged_past(run_dir: Path, step: int) -> bool:
-    try:
-        return any(r["kind"] == "train" and r["step"] >= step for r in records(run_dir))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def curve(run_dir: Path) -> list[tuple]:
