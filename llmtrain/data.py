@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 import torch
 
-from llmtrain import sources
+from llmtrain import distributed, sources
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.tokenization import cached_tokenizer, load_pretrained_tokenizer, tokenizer_fingerprint
 
@@ -94,6 +94,11 @@ class DataModule:
         else:
             self.tokenizer, self.reused["tokenizer"] = cached_tokenizer(
                 raw.train, raw.fingerprint, self.model_type, self.vocab_size, self.min_frequency, self.cache_dir)
+            if self.vocab_size and len(self.tokenizer) < self.vocab_size / 2 and distributed.rank() == 0:
+                log.warning("tokenizer: the vocabulary came out at %d tokens, under half the data.tokenizer."
+                            "vocab_size=%d asked: the corpus is too small for that vocabulary (a token must occur "
+                            "data.tokenizer.min_frequency=%d times); add text, or set data.tokenizer.vocab_size=%d",
+                            len(self.tokenizer), self.vocab_size, self.min_frequency, len(self.tokenizer))
         if self.task == "mlm" and self.tokenizer.mask_token_id is None:
             raise ConfigError(f"the tokenizer {self.tokenizer_name or self.pretrained} has no mask token: "
                               "masked LM needs one (use a BERT-family tokenizer)")

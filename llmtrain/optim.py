@@ -1,10 +1,15 @@
 """The optimizer and scheduler groups: factories bound to the model's parameters and the run's step count."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import get_scheduler
 
+from llmtrain import distributed
 from llmtrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -48,6 +53,12 @@ def scheduler(optimizer: torch.optim.Optimizer, num_training_steps: int, name: s
               warmup_ratio: float) -> torch.optim.lr_scheduler.LRScheduler:
     """transformers.get_scheduler with warmup given in steps, or as a ratio of the run when warmup_steps is null."""
     warmup = warmup_steps if warmup_steps is not None else int(round(warmup_ratio * num_training_steps))
+    if name != "constant" and warmup >= num_training_steps > 0 and distributed.rank() == 0:
+        key = f"scheduler.warmup_steps={warmup_steps}" if warmup_steps is not None else \
+            f"scheduler.warmup_ratio={warmup_ratio} ({warmup} steps)"
+        log.warning("%s is as long as the run (%d training steps): the learning rate is still warming up when "
+                    "training ends and never reaches optimizer.lr; lower the warmup or train for more steps", key,
+                    num_training_steps)
     try:
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps)
     except ValueError as e:

@@ -5,6 +5,7 @@ import codecs
 import csv
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -86,22 +87,36 @@ def resolve_files(path: str | None, suffixes: tuple[str, ...], key: str = "data.
     raise DataError(f"{key}={path}: no such file or directory")
 
 
-def split_validation(docs: list[str], labels: list | None, fraction: float | None, seed: int, key: str):
-    """Hold out a seeded fraction of the documents for validation."""
+def split_validation(docs: list[str], labels: list | None, fraction: float | None, seed: int, key: str,
+                     where: str, more: str):
+    """Hold out a seeded fraction of the documents for validation; `where` and `more` (how to add data) for messages."""
     if not fraction:
         raise DataError(f"no validation data: set {key} (e.g. 0.05) or provide a validation file")
     if not 0 < fraction < 1:
         raise DataError(f"{key}={fraction}: use a fraction between 0 and 1")
+    if len(docs) < 2:  # validating on the one training document would score memorization, not learning
+        raise DataError(f"{where}: 1 document is too few to hold out a validation split from (a run would "
+                        f"validate on its own training text); {more}")
     import random
 
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, int(round(len(docs) * fraction))) if len(docs) > 1 else 0
+    n_val = max(1, int(round(len(docs) * fraction)))
+    if n_val >= len(docs):
+        raise DataError(f"{where}: {key}={fraction} of {len(docs)} documents leaves none for training; "
+                        f"lower {key}, or {more}")
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
     pick = lambda xs, idx: [xs[i] for i in idx] if xs is not None else None  # noqa: E731
-    if n_val == 0:  # a single document: validate on it too, rather than refusing to train
-        val_idx = train_idx
     return pick(docs, train_idx), pick(docs, val_idx), pick(labels, train_idx), pick(labels, val_idx)
+
+
+def check_distinct(train: list[str], validation: list[str], where: str) -> None:
+    """Refuse a validation split made only of copies of training documents: it would score memorization."""
+    seen = set(train)
+    if all(doc in seen for doc in validation):
+        distinct = f"{len(seen)} distinct document{'s' * (len(seen) != 1)}"
+        raise DataError(f"{where}: every validation document also occurs in the training split (it has only "
+                        f"{distinct}), so validation would score memorization, not learning; add distinct documents")
 
 
 def lines_of(text: str) -> list[str]:
@@ -146,7 +161,10 @@ def load_text(path: str, encodings: list[str], validation_split: float | None, s
         if not lines:
             raise DataError(f"{f}: the file is empty (no non-blank lines)")
         docs.extend(lines)
-    train, val, _, _ = split_validation(docs, None, validation_split, seed, "data.validation_split")
+    where = str(files[0]) if len(files) == 1 else f"data.path={path}"
+    train, val, _, _ = split_validation(docs, None, validation_split, seed, "data.validation_split", where,
+                                        "add documents (one per non-blank line)")
+    check_distinct(train, val, where)
     return RawCorpus(train, val, fingerprint=f"text-{file_digest(files)}-{validation_split}-{seed}",
                      info={"files": [str(f) for f in files]})
 
@@ -188,7 +206,7 @@ def read_records(path: Path, encodings: list[str]) -> list[tuple[str, dict]]:
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if path.suffix.lower() == ".csv":
-        return [(f"{path}:{i}", rec) for i, rec in enumerate(csv.DictReader(text.splitlines()), 2)]
+        return read_csv(path, text)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith(("[", "{")):
         try:
@@ -218,6 +236,39 @@ def read_records(path: Path, encodings: list[str]) -> list[tuple[str, dict]]:
     return records
 
 
+def read_csv(path: Path, text: str) -> list[tuple[str, dict]]:
+    """(file:line, record) pairs of a CSV file with a header row; a row with more or fewer fields is refused.
+
+    csv.DictReader would file a row's extra fields under None and fill missing ones with None: an unquoted
+    comma in a text would cut the text short and shift the rest into the label.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # newline="": line breaks inside quotes
+    records, start = [], 1
+    try:
+        header = next((row for row in reader if any(field.strip() for field in row)), None)
+        if header is None:
+            raise DataError(f"{path}: no header row (the first line should name the columns, e.g. text,label)")
+        if len(set(header)) < len(header):
+            twice = sorted({h for h in header if header.count(h) > 1})
+            raise DataError(f"{path}:{reader.line_num}: the header names {', '.join(map(repr, twice))} more than "
+                            "once; give every column its own name")
+        start = reader.line_num + 1
+        for row in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1  # a quoted field may span lines: where it began
+            if not any(field.strip() for field in row):
+                continue  # a blank line
+            if len(row) != len(header):
+                fix = ('quote fields that contain commas ("like, this"), doubling quotes inside them'
+                       if len(row) > len(header) else "give every row a value for every column")
+                raise DataError(f"{where}: {len(row)} field{'s' * (len(row) != 1)} where the header has "
+                                f"{len(header)} ({', '.join(header)}); {fix}")
+            records.append((where, dict(zip(header, row))))
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: malformed CSV ({e}); quote a field that contains a quote, comma or "
+                        'line break, doubling the quotes inside it ("say ""hi"", then")') from None
+    return records
+
+
 def load_records(path: str, encodings: list[str], text_column: str, label_column: str | None, need_labels: bool,
                  validation_split: float | None, seed: int) -> RawCorpus:
     """JSON/JSONL/CSV records with a text field and, for classification, a label field.
@@ -226,9 +277,11 @@ def load_records(path: str, encodings: list[str], text_column: str, label_column
     """
     files = resolve_files(path, RECORD_SUFFIXES)
     splits: dict[str, tuple[list[str], list]] = {"train": ([], []), "validation": ([], [])}
+    named: dict[str, list[Path]] = {"train": [], "validation": []}
     for f in files:
         stem = f.stem.lower()
         split = "validation" if any(t in stem for t in ("valid", "val", "dev", "test")) and len(files) > 1 else "train"
+        named[split].append(f)
         for i, (where, rec) in enumerate(read_records(f, encodings), 1):
             fields = f"; its fields: {', '.join(map(repr, rec)) or 'none'}"
             if text_column not in rec:
@@ -243,13 +296,27 @@ def load_records(path: str, encodings: list[str], text_column: str, label_column
             splits[split][0].append(rec[text_column])
             splits[split][1].append(rec.get(label_column) if need_labels else None)
     train_docs, train_labels = splits["train"]
+    where = {s: str(fs[0]) if len(fs) == 1 else f"data.path={path}" for s, fs in named.items()}
     if not train_docs:
         raise DataError(f"data.path={path}: no training records")
-    if splits["validation"][0]:
+    if named["validation"]:
         val_docs, val_labels = splits["validation"]
+        if not val_docs:
+            raise DataError(f"{where['validation']}: the validation file has no records; add records to it, or "
+                            "remove it to hold out data.validation_split of the training records")
     else:
         train_docs, val_docs, train_labels, val_labels = split_validation(
-            train_docs, train_labels, validation_split, seed, "data.validation_split")
+            train_docs, train_labels, validation_split, seed, "data.validation_split", where["train"],
+            "add records, or point data.path at a directory holding train and valid files")
+    if need_labels and len(classes := {str(x) for x in train_labels}) < 2:
+        # one class: every prediction is right, and the record would show a "perfect" classifier
+        others = sorted({str(x) for x in val_labels} - classes)
+        raise DataError(f"{where['train']}: every training record has {label_column}={next(iter(classes))!r}; a "
+                        "classifier needs at least two classes" + (f" (the validation split alone has "
+                        f"{', '.join(map(repr, others))})" if others else "")
+                        + f": check that data.label_column={label_column} names the label field, or add records "
+                        "of the other classes")
+    check_distinct(train_docs, val_docs, where["validation"] if named["validation"] else where["train"])
     return RawCorpus(train_docs, val_docs, fingerprint=f"records-{file_digest(files)}-{text_column}-{label_column}-"
                      f"{validation_split}-{seed}", train_labels=train_labels if need_labels else None,
                      validation_labels=val_labels if need_labels else None, info={"files": [str(f) for f in files]})

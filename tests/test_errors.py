@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import json
 import logging
 import random
 import runpy
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, TINY_GPT, run_cli
+from conftest import ROOT, TINY, TINY_GPT, build, run_cli, train_in_process
 from llmtrain import sources
 from llmtrain.errors import DataError
 
@@ -37,6 +38,20 @@ def make_inputs(root: Path) -> Path:
         "strings.json": b'["one", "two"]',
         "notext.csv": b"body,label\none,a\ntwo,b\n",
         "only_csv/data.csv": b"text\none\n",
+        # line 7: an unquoted comma (csv.DictReader would cut the text at it and take " world" for the label)
+        "comma.csv": b"text,label\n" + b"".join(b'"quoted, fine %d",pos\n' % i for i in range(5))
+                     + b"hello, world,neg\n",
+        "short_row.csv": b"text,label\n" + b"one,pos\n\n" + b"two\n" + b"three,neg\n",
+        "unclosed.csv": b'text,label\none,pos\n"two, neg\nthree,pos\n',
+        "dup_header.csv": b"text,text\none,two\n",
+        "one_class.jsonl": b"".join(b'{"text": "review %d", "label": "pos"}\n' % i for i in range(20)),
+        "one_class_dir/train.jsonl": b"".join(b'{"text": "review %d", "label": "pos"}\n' % i for i in range(20)),
+        "one_class_dir/valid.jsonl": b'{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"}\n',
+        "empty_valid/train.jsonl": b"".join(b'{"text": "line %d"}\n' % i for i in range(20)),
+        "empty_valid/valid.json": b"[]",
+        "one_line.txt": b"the only document in this corpus, on one line\n",
+        "repeated.txt": b"the same line again and again\n" * 40,
+        "two_lines.txt": b"a first document\na second document\n",
     }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +125,24 @@ CASES = [
      ["nolabel.jsonl:2", "'label'", "data.label_column"]),
     ("json_not_objects", ["data=json", "data.path={d}/strings.json"], OURS, ["strings.json", "record 1 is a str"]),
     ("csv_no_text_column", ["data=json", "data.path={d}/notext.csv"], OURS, ["notext.csv:2", "'text'"]),
+    # -- data that would make the record meaningless: malformed CSV rows, one class, no distinct validation -------
+    ("csv_unquoted_comma", ["data=json", "data.path={d}/comma.csv"], OURS,
+     ["comma.csv:7: 3 fields where the header has 2", "quote fields that contain commas"]),
+    ("csv_missing_field", ["data=json", "data.path={d}/short_row.csv"], OURS,
+     ["short_row.csv:4: 1 field where the header has 2", "a value for every column"]),
+    ("csv_unclosed_quote", ["data=json", "data.path={d}/unclosed.csv"], OURS, ["unclosed.csv:3", "malformed CSV"]),
+    ("csv_duplicate_column", ["data=json", "data.path={d}/dup_header.csv"], OURS, ["dup_header.csv:1", "'text'"]),
+    ("cls_one_class", ["data=json", "model=distilbert_cls_tiny", "data.path={d}/one_class.jsonl"], OURS,
+     ["one_class.jsonl", "label='pos'", "at least two classes", "data.label_column"]),
+    ("cls_one_class_in_training", ["data=json", "model=distilbert_cls_tiny", "data.path={d}/one_class_dir"], OURS,
+     ["train.jsonl", "label='pos'", "the validation split alone has 'neg'"]),
+    ("validation_file_empty", ["data=json", "data.path={d}/empty_valid"], OURS, ["valid.json", "no records"]),
+    ("text_one_document", ["data=text", "data.path={d}/one_line.txt"], OURS,
+     ["one_line.txt", "1 document is too few", "validate on its own training text"]),
+    ("text_one_document_repeated", ["data=text", "data.path={d}/repeated.txt"], OURS,
+     ["repeated.txt", "also occurs in the training split", "1 distinct document)", "add distinct documents"]),
+    ("validation_split_leaves_nothing", ["data=text", "data.path={d}/two_lines.txt", "data.validation_split=0.9"],
+     OURS, ["two_lines.txt", "data.validation_split=0.9 of 2 documents leaves none for training"]),
     ("wikitext_dir_without_files", ["data=wikitext2", "data.path={d}/empty_dir"], OURS, ["empty_dir", "wiki.train"]),
 ]
 
@@ -166,6 +199,23 @@ def test_the_real_command_line_reports_every_problem_without_a_traceback(tmp_pat
     assert "Traceback" not in out
 
 
+@pytest.mark.parametrize("name", ["csv_unquoted_comma", "cls_one_class", "text_one_document"])
+def test_the_real_command_line_refuses_input_that_would_make_the_record_meaningless(name: str, inputs: Path,
+                                                                                    tmp_path: Path) -> None:
+    """As a user runs it, in a subprocess: exit 2, the file (and line) named, no traceback, the run recorded failed."""
+    _, overrides, code, needles = next(c for c in CASES if c[0] == name)
+    run_dir = tmp_path / "run"
+    r = run_cli([*TINY, "hardware.num_threads=1", *(o.format(d=inputs) for o in overrides),
+                 f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == code == OURS, out
+    assert all(needle in out for needle in needles) and str(inputs) in out, out
+    assert "Traceback" not in out, out
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "model").exists()
+    assert not (run_dir / "metrics.jsonl").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+
+
 def test_the_real_command_line_suggests_a_key_for_a_typo(tmp_path: Path) -> None:
     r = run_cli(["trainer.max_step=3", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert r.returncode == HYDRA
@@ -196,10 +246,11 @@ def test_ctrl_c_before_training_exits_130_quietly(tmp_path: Path, capfd, monkeyp
                                            ("latin-1", "caf\u00e9\nna\u00efve fa\u00e7ade\n")])
 def test_fallback_encodings_decode_and_are_logged(tmp_path: Path, caplog, encoding: str, text: str) -> None:
     f = tmp_path / "doc.txt"
-    f.write_bytes((text + "\n").encode(encoding) * 20)
+    lines = [f"{line.strip()} {i}" for i in range(20) for line in text.splitlines() if line.strip()]  # distinct
+    f.write_bytes("".join(line + "\n" for line in lines).encode(encoding))
     with caplog.at_level(logging.INFO, logger="llmtrain.sources"):
         corpus = sources.load_text(str(f), ["utf-8", "gbk", "latin-1"], 0.1, seed=0)
-    assert set(corpus.train + corpus.validation) == {line.strip() for line in text.splitlines() if line.strip()}
+    assert sorted(corpus.train + corpus.validation) == sorted(lines)
     assert any(f"decoded as {encoding}" in m for m in caplog.messages), caplog.messages
 
 
@@ -214,3 +265,42 @@ def test_a_file_no_encoding_decodes_is_named(tmp_path: Path) -> None:
     f.write_bytes("\u4eca\u5929\n".encode("gbk"))
     with pytest.raises(DataError, match=r"doc\.txt: none of data.encodings=\['utf-8'\]"):
         sources.decode(f, ["utf-8"])
+
+
+# -- warnings: input or settings that make a run less than it looks; it goes on, and says so once -------------------
+WARMUP, VOCAB = "is still warming up when training ends", "the corpus is too small for that vocabulary"
+
+
+@pytest.mark.parametrize("model", ["gpt2_tiny", "distilbert_tiny"])  # byte-level BPE and WordPiece
+def test_a_tiny_normal_run_warns_of_neither(model: str, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):  # both checks run while the run is set up: data, then the schedule
+        assert build([*TINY, f"model={model}"], tmp_path).total_steps == 20
+    assert not [m for m in caplog.messages if WARMUP in m or VOCAB in m], caplog.messages
+
+
+def test_warmup_as_long_as_the_run_and_a_vocabulary_the_corpus_cannot_fill_are_warned_once(tmp_path: Path,
+                                                                                          caplog) -> None:
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("".join(f"document {i} is short and plain\n" for i in range(40)))
+    with caplog.at_level(logging.WARNING):
+        s = train_in_process([*TINY_GPT, "data=text", f"data.path={corpus}", "data.tokenizer.vocab_size=4096",
+                              "trainer.max_steps=3", "scheduler.warmup_steps=5"], tmp_path / "run")
+    assert s["steps"] == 3  # warnings, not refusals
+    warmup = [m for m in caplog.messages if WARMUP in m]
+    vocab = [m for m in caplog.messages if VOCAB in m]
+    assert len(warmup) == 1 and "scheduler.warmup_steps=5" in warmup[0] and "(3 training steps)" in warmup[0]
+    assert len(vocab) == 1 and "data.tokenizer.vocab_size=4096" in vocab[0], caplog.messages
+
+
+@pytest.mark.parametrize("steps,warmup_steps,ratio,warns", [(20, None, 0.05, False), (10, None, 0.95, True),
+                                                            (10, 9, 0.0, False), (10, 10, 0.0, True)])
+def test_warmup_warning_counts_steps_or_the_ratio(steps: int, warmup_steps: int | None, ratio: float, warns: bool,
+                                                  caplog) -> None:
+    import torch
+
+    from llmtrain.optim import scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level(logging.WARNING, logger="llmtrain.optim"):
+        scheduler(opt, steps, "linear", warmup_steps, ratio)
+    assert any(WARMUP in m for m in caplog.messages) == warns, caplog.messages
