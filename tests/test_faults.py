@@ -252,8 +252,9 @@ def test_a_kill_at_any_instant_of_a_checkpoint_write_leaves_loadable_checkpoints
         proc.kill()
         proc.wait()
         steps.append(check_checkpoints(directory))
-        # at most keep_last complete checkpoints plus `best`; leftovers from the kill are cleaned up on resume
-        assert len(checkpoint.step_dirs(directory)) <= 3
+        # at most keep_last complete checkpoints plus `best`, plus one where the kill fell between publishing a
+        # checkpoint and pruning the oldest (the next save prunes it)
+        assert len(checkpoint.step_dirs(directory)) <= 4
     assert steps == sorted(steps) and steps[-1] > steps[0]
 
 
