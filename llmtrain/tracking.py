@@ -5,12 +5,14 @@ but a torn last record, which a resumed run drops (truncate_after).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -111,7 +113,7 @@ class Tracker:
     """Scalars go to TensorBoard twice (per step and per token seen) and to metrics.jsonl once."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
-        self.run_dir, self.enabled, self.closed = Path(run_dir), enabled, False
+        self.run_dir, self.enabled, self.closed, self.out_of_space = Path(run_dir), enabled, False, False
         if enabled:
             _quiet_tensorboard_thread()
             with self._events():
@@ -121,10 +123,19 @@ class Tracker:
         self.last_step, self.tags = 0, set()  # hparams() writes its final values at the last step logged
 
     def _events(self):
-        return writing(EVENTS, self.run_dir)
+        return self._writing(EVENTS, self.run_dir)
 
     def _records(self):
-        return writing("the metrics", self.run_dir / "metrics.jsonl")
+        return self._writing("the metrics", self.run_dir / "metrics.jsonl")
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, path: Path) -> Iterator[None]:
+        try:
+            with writing(what, path):
+                yield
+        except NoSpaceError:
+            self.out_of_space = True  # reported by whoever catches it: close() need not warn about it again
+            raise
 
     def log(self, kind: str, step: int, tokens: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -179,7 +190,7 @@ class Tracker:
         (another error is being reported) only logs a warning; the files are closed either way."""
         if not self.enabled or self.closed:
             return
-        self.closed = True
+        self.closed, reported = True, self.out_of_space
         try:
             try:
                 with self._events():
@@ -190,4 +201,5 @@ class Tracker:
         except NoSpaceError as e:
             if not quiet:
                 raise
-            log.warning("%s", e)
+            if not reported:
+                log.warning("%s", e)
