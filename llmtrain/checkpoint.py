@@ -113,8 +113,11 @@ def _files(directory: Path) -> list[Path]:
 
 
 def _digest(path: Path) -> dict:
+    sha256 = hashlib.sha256()
     with open(path, "rb") as f:
-        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        while chunk := f.read(1 << 20):
+            sha256.update(chunk)
+        return {"bytes": f.tell(), "sha256": sha256.hexdigest()}
 
 
 def _write_files(tmp: Path, model, tokenizer, state: dict) -> None:

@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY_GPT, run_cli, train_in_process
 from llmtrain import checkpoint
 from llmtrain.errors import ConfigError
+from test_errors import run_main
 from test_resume import assert_same_weights
 
 RUN = [*TINY_GPT, "hardware.num_threads=1", "trainer.max_steps=20", "trainer.save_every=10", "trainer.keep_last=0"]
@@ -42,9 +43,12 @@ def damage(path: Path, how: str) -> None:
         path.unlink()
 
 
-def cli(run_dir: Path, tmp_path: Path, resume: str):
-    done = run_cli([*RUN, f"trainer.resume={resume}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    return done, done.stdout + done.stderr
+def refused(resume: Path, run_dir: Path, capfd, monkeypatch) -> str:
+    """The output of `python -m llmtrain.run ... trainer.resume=<resume>` (run in this process), which must fail
+    with exit 2 and no traceback."""
+    code, output = run_main([*RUN, f"trainer.resume={resume}"], run_dir, capfd, monkeypatch)
+    assert code == 2 and "Traceback" not in output, output
+    return output
 
 
 def test_resume_auto_passes_over_a_damaged_checkpoint_and_ends_as_the_uninterrupted_run(finished: Path,
@@ -54,7 +58,8 @@ def test_resume_auto_passes_over_a_damaged_checkpoint_and_ends_as_the_uninterrup
     run = copy_of(finished, tmp_path)
     ckpts = run / "checkpoints"
     damage(ckpts / "step-20" / "model.safetensors", "flipped")
-    done, output = cli(run, tmp_path, "auto")
+    done = run_cli([*RUN, "trainer.resume=auto", f"hydra.run.dir={run}"], cwd=tmp_path)
+    output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert (f"checkpoint {ckpts / 'step-20'} is damaged: {ckpts / 'step-20' / 'model.safetensors'} does not match "
             "the checksum") in output and "resuming from an older one" in output
@@ -70,25 +75,23 @@ def test_resume_auto_passes_over_a_damaged_checkpoint_and_ends_as_the_uninterrup
     ("model.safetensors", "truncated", "{file} is truncated ({half} of {size} bytes)"),
     ("tokenizer.json", "missing", "{file} is missing"),
 ])
-def test_a_named_damaged_checkpoint_is_refused_naming_the_file(finished: Path, tmp_path: Path, name: str, how: str,
-                                                               problem: str) -> None:
+def test_a_named_damaged_checkpoint_is_refused_naming_the_file(finished: Path, tmp_path: Path, capfd, monkeypatch,
+                                                               name: str, how: str, problem: str) -> None:
     run = copy_of(finished, tmp_path)
     step = run / "checkpoints" / "step-20"
     size = (step / name).stat().st_size
     damage(step / name, how)
-    done, output = cli(tmp_path / "next", tmp_path, str(step))
-    assert done.returncode == 2, output
+    output = refused(step, tmp_path / "next", capfd, monkeypatch)
     assert f"error: trainer.resume={step}: the checkpoint {step} is damaged: " in output, output
     assert problem.format(file=step / name, size=size, half=size // 2) in output, output
-    assert "Traceback" not in output
 
 
-def test_a_named_run_whose_newest_checkpoint_is_damaged_is_refused(finished: Path, tmp_path: Path) -> None:
+def test_a_named_run_whose_newest_checkpoint_is_damaged_is_refused(finished: Path, tmp_path: Path, capfd,
+                                                                    monkeypatch) -> None:
     """Naming a run directory means its newest checkpoint: damaged, it is refused rather than silently swapped."""
     run = copy_of(finished, tmp_path)
     damage(run / "checkpoints" / "step-20" / "trainer_state.pt", "flipped")
-    done, output = cli(tmp_path / "next", tmp_path, str(run))
-    assert done.returncode == 2 and "Traceback" not in output, output
+    output = refused(run, tmp_path / "next", capfd, monkeypatch)
     assert f"{run / 'checkpoints' / 'step-20' / 'trainer_state.pt'} does not match the checksum" in output
 
 
@@ -116,17 +119,26 @@ def test_a_checkpoint_without_checksums_loads_with_one_warning(finished: Path, t
 
 
 @pytest.mark.parametrize("name, how, says", [("trainer_state.pt", "empty", "(the file is empty)"),
-                                             ("trainer_state.pt", "truncated", "is damaged or not a plain-tensor"),
-                                             ("model.safetensors", "truncated", "cannot read model.safetensors")])
-def test_a_damaged_checkpoint_without_checksums_fails_with_a_message(finished: Path, tmp_path: Path, name: str,
-                                                                     how: str, says: str) -> None:
+                                             ("trainer_state.pt", "truncated", "is damaged or not a plain-tensor")])
+def test_a_damaged_checkpoint_without_checksums_fails_with_a_message(finished: Path, tmp_path: Path, capfd,
+                                                                     monkeypatch, name: str, how: str,
+                                                                     says: str) -> None:
     """No checksums to check: the loaders' own errors, turned into a message (an empty trainer_state.pt used to
     crash with an IndexError inside the error handler)."""
     run = copy_of(finished, tmp_path)
     step = run / "checkpoints" / "step-20"
     (step / checkpoint.CHECKSUMS).unlink()
     damage(step / name, how)
-    done, output = cli(tmp_path / "next", tmp_path, str(step))
-    assert done.returncode == 2, output
+    output = refused(step, tmp_path / "next", capfd, monkeypatch)
     assert f"error: trainer.resume={step}: " in output and says in output, output
-    assert "Traceback" not in output
+
+
+def test_generate_refuses_a_damaged_checkpoint(finished: Path, tmp_path: Path) -> None:
+    from llmtrain import generate
+
+    run = copy_of(finished, tmp_path)
+    step = run / "checkpoints" / "step-20"
+    assert generate.load(str(step), "generate", "cpu")[0] is not None
+    damage(step / "model.safetensors", "flipped")
+    with pytest.raises(ConfigError, match="the checkpoint is damaged: .*model.safetensors does not match"):
+        generate.load(str(step), "generate", "cpu")
