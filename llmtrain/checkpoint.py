@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 CHECKSUMS = "checksums.json"
+_unverified: set[Path] = set()  # checkpoints without checksums already warned about
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -221,9 +222,6 @@ def verify(path: Path) -> str | None:
         return None
     stats = [(p.name, p.stat()) for p in _files(path)]
     return _checked(path, tuple((name, s.st_size, s.st_mtime_ns) for name, s in stats))
-
-
-_unverified: set[Path] = set()
 
 
 def find(run_dir: Path, resume: str) -> Path | None:

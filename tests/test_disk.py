@@ -224,7 +224,8 @@ def test_the_safety_net_maps_a_full_disk_no_write_site_named(tmp_path: Path, dis
     """run.py's last resort: an OSError(ENOSPC) from anywhere (a write error names no file) is still a NoSpaceError."""
     root = disk(64)
     fill(root)
-    with pytest.raises(NoSpaceError, match=f"^no space left to write the run's outputs in {tmp_path}: free disk space$"):
+    message = f"^no space left to write the run's outputs in {tmp_path}: free disk space$"
+    with pytest.raises(NoSpaceError, match=message):
         with writing(None, tmp_path):
             with open(root / "notes.txt", "w") as f:
                 f.write("x" * 100_000)
