@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from llmtrain import distributed, sources
-from llmtrain.errors import ConfigError, DataError
+from llmtrain.errors import CACHE_ADVICE, ConfigError, DataError, writing
 from llmtrain.tokenization import cached_tokenizer, load_pretrained_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,14 @@ class DataModule:
         return blocks, block_lengths, n_tokens
 
     def _build(self, raw: sources.RawCorpus, path: Path) -> None:
+        """Tokenize and pack into a private temporary directory, renamed into the cache when complete."""
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        with writing("the tokenized data", path, CACHE_ADVICE, partial=tmp):
+            self._write(raw, tmp)
+        os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write(self, raw: sources.RawCorpus, tmp: Path) -> None:
         if self.task == "cls":
             labels = label_names(raw.train_labels + raw.validation_labels)
             index = {name: i for i, name in enumerate(labels)}
@@ -173,7 +179,6 @@ class DataModule:
         words = {"validation_words": sum(len(d.split()) for d in raw.validation)}
         (tmp / "words.txt").write_text(str(words["validation_words"]))
         (tmp / "done").touch()
-        os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp, ignore_errors=True)
 
     def _load(self, path: Path) -> None:
         self.splits: dict[str, datasets.Dataset] = {}

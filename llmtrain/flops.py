@@ -135,12 +135,13 @@ def peak_flops(device: str, dtype: torch.dtype, cache_dir: str | Path, refresh: 
     log.info("peak %s matrix-product rate on this machine: %.3g TFLOP/s (%dx%d, %d threads; cached in %s)",
              str(dtype).removeprefix("torch."), flops / 1e12, n, n, threads, path)
     cache[key] = {"flops": flops, "size": n, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1) + "\n")
         os.replace(tmp, path)
-    except OSError as e:  # a read-only cache only costs the measurement next time
+    except OSError as e:  # a read-only or full cache only costs the measurement next time
+        tmp.unlink(missing_ok=True)
         log.warning("could not cache the peak FLOP/s in %s: %s", path, e)
     return flops
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, pipeline, set_seed)
 
+from llmtrain import checkpoint
 from llmtrain.config import CONF
 from llmtrain.errors import ConfigError, UserError
 
@@ -125,6 +126,8 @@ def resolve_model_dir(path: str) -> Path:
 def load(path: str, mode: str, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (in eval mode) and its tokenizer, after checking the model can do what `mode` asks."""
     model_dir = resolve_model_dir(path)
+    if (model_dir / checkpoint.CHECKSUMS).exists() and (problem := checkpoint.verify(model_dir)) is not None:
+        raise ConfigError(f"{path}: the checkpoint is damaged: {problem}; use another checkpoint or model/")
     config = AutoConfig.from_pretrained(model_dir)
     kind, arch = model_kind(config), ", ".join(config.architectures or [config.model_type])
     if mode == "generate" and kind != "clm":

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from llmtrain import distributed, rundir, sweep, workers
 from llmtrain.config import hparams, override_hints, validate
-from llmtrain.errors import UserError
-from llmtrain.tracking import write_json
+from llmtrain.errors import UserError, writing
+from llmtrain.tracking import write_json, write_status
 from llmtrain.trainer import Interrupted, Trainer
 
 log = logging.getLogger("llmtrain")
@@ -75,12 +75,14 @@ def main(cfg: DictConfig) -> float:
         cfg = sweep.resumable(cfg)
     quiet_libraries()
     try:
-        summary = workers.launch(train, cfg, run_dir, hc.runtime.choices.get("model", "model"))  # here or on N ranks
+        with writing(None, run_dir):  # the last safety net: a full disk the write sites did not name themselves
+            summary = workers.launch(train, cfg, run_dir, hc.runtime.choices.get("model", "model"))  # here or N ranks
+            summary.update(status="completed", wall_time_s=time.perf_counter() - started)
+            write_json(run_dir / "metrics.json", summary)
     except (UserError, Interrupted) as e:
         log.error("%s%s", "" if isinstance(e, Interrupted) else "error: ", e)
         log.debug("where it was raised (shown with hydra.verbose=llmtrain):", exc_info=True)
-        write_json(run_dir / "metrics.json", {"status": "interrupted" if isinstance(e, Interrupted) else "failed",
-                                              "error": str(e)})
+        write_status(run_dir, {"status": "interrupted" if isinstance(e, Interrupted) else "failed", "error": str(e)})
         if in_sweep and not isinstance(e, Interrupted):
             return math.nan  # recorded: the sweep runs its other jobs, then exits non-zero naming this one
         sys.exit(e.code if isinstance(e, Interrupted) else 2)  # an interrupt stops the whole sweep
@@ -91,8 +93,6 @@ def main(cfg: DictConfig) -> float:
         if not in_sweep:
             raise
         return sweep.record_failure(run_dir, e)
-    summary.update(status="completed", wall_time_s=time.perf_counter() - started)
-    write_json(run_dir / "metrics.json", summary)
     log.info("outputs: %s", run_dir)
     log.info("final eval: loss %.4f, perplexity %.2f, accuracy %.4f%s", summary["eval_loss"],
              summary["eval_perplexity"], summary["eval_accuracy"],

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtrain.errors import DataError
+from llmtrain.errors import CACHE_ADVICE, DataError, writing
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,14 @@ def load_builtin(train_words: int, validation_words: int, corpus_seed: int, cach
     if not meta_path.exists():
         c = corpus_mod.generate_corpus(seed=corpus_seed, train_words=train_words, validation_words=validation_words)
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "train.txt").write_text("\n".join(c.train) + "\n", encoding="utf-8")
-        (tmp / "validation.txt").write_text("\n".join(c.validation) + "\n", encoding="utf-8")
         meta = {"validation_nll_per_word": c.validation_nll_per_word, "train_nll_per_word": c.train_nll_per_word,
                 "validation_words": sum(len(d.split()) for d in c.validation),
                 "unigram_nll_per_word": corpus_mod.unigram_nll_per_word(c.train, c.validation)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        with writing("the generated corpus", root, CACHE_ADVICE, partial=tmp):
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "train.txt").write_text("\n".join(c.train) + "\n", encoding="utf-8")
+            (tmp / "validation.txt").write_text("\n".join(c.validation) + "\n", encoding="utf-8")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first

@@ -56,10 +56,10 @@ def record_failure(run_dir: Path, error: BaseException) -> float:
 
 
 def _write_failure(run_dir: Path, error: BaseException) -> None:
-    from llmtrain.tracking import write_json
+    from llmtrain.tracking import write_status
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(run_dir) / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+    write_status(run_dir, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
 def constant_keys(overrides: Sequence[str], sweeper_params: Sequence[str] = ()) -> list[str]:

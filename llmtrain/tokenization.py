@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from llmtrain.errors import ConfigError
+from llmtrain.errors import CACHE_ADVICE, ConfigError, writing
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def cached_tokenizer(texts: list[str], corpus_fingerprint: str, model_type: str,
     log.info("tokenizer: training %s (vocab %d) on %d documents", algorithm, vocab_size, len(texts))
     tokenizer = train_tokenizer(iter(texts), algorithm, vocab_size, min_frequency)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tokenizer.save_pretrained(tmp)
+    with writing("the tokenizer", path, CACHE_ADVICE, partial=tmp):
+        tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, path)
     except OSError:

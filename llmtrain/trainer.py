@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from llmtrain import checkpoint, distributed, flops, metrics, profiling, rundir, state
 from llmtrain.data import DataModule
-from llmtrain.errors import ConfigError, UserError
+from llmtrain.errors import ConfigError, NoSpaceError, UserError, writing
 from llmtrain.hardware import Hardware
 from llmtrain.state import RunState
 from llmtrain.tasks import IGNORE, compile_model, loss_terms, model_inputs
@@ -99,7 +99,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state()}
 
     def restore(self, path: Path) -> None:
-        state = checkpoint.load(path, self.model)
+        state = checkpoint.load(path, self.model)  # verified by find() already: load() remembers that
         saved = RunState()
         saved.load_state_dict(state)
         self._check_settings(saved, path)
@@ -290,17 +290,30 @@ class Trainer:
         if self.resume:
             self._resume()
         self.model.train()  # from_pretrained returns a model in eval mode: dropout would stay off
-        tracker = self.tracker = Tracker(self.run_dir, self.is_main)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        tracker = None
         try:  # whatever happens, the tracker is closed and the signal handlers restored
+            tracker = self.tracker = Tracker(self.run_dir, self.is_main)
             start, start_tokens = time.perf_counter(), self.run.tokens_seen
             self.startup_s = flops.seconds_since_process_start()
             self._train(tracker)
             # a signal from here on lets the run finish: the final evaluation and saves are short
-            return self._finish(tracker, start, start_tokens)
+            summary = self._finish(tracker, start, start_tokens)
+            tracker.close()  # the last events reach the disk here: a full disk now still fails the run
+            return summary
+        except NoSpaceError as e:  # a checkpoint, model/ or the records: say where a resumed run continues from
+            raise e.also(self._resume_hint()) from e.__cause__
         finally:
-            tracker.close()
+            if tracker is not None:
+                tracker.close(quiet=True)  # after an error: closed without hiding the error being raised
             self._restore(old_handlers)
+
+    def _resume_hint(self) -> str:
+        done = checkpoint.step_dirs(self.run_dir / "checkpoints")
+        if not done:
+            return "no checkpoint was saved yet: run again once there is space"
+        return (f"the previous checkpoint, {done[-1][1]}, is intact: once there is space, run the same command with "
+                f"hydra.run.dir={self.run_dir} trainer.resume=auto to continue from it")
 
     def _resume(self) -> None:
         """Continue from the checkpoint trainer.resume names; what the stopped run recorded after it is dropped."""
@@ -426,14 +439,9 @@ class Trainer:
         """model/ in Hugging Face format, written aside and swapped in whole."""
         out, tmp = self.run_dir / "model", self.run_dir / ".tmp-model"
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with writing("the final model", out, f"free disk space; the last checkpoint, {self.run_dir}/checkpoints/last, "
+                     "holds the same weights", partial=tmp):
             checkpoint.write_model(tmp, self.model, self.data.tokenizer)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno in checkpoint.NO_SPACE:
-                raise UserError(f"no space left to write {out}: free disk space; the last checkpoint, "
-                                f"{self.run_dir}/checkpoints/last, holds the same weights") from None
-            raise
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
