@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from llmtrain.errors import ConfigError, UserError
+from llmtrain.errors import ConfigError, NoSpaceError, UserError, is_no_space, writing
 
 log = logging.getLogger("llmtrain")
 
@@ -244,9 +244,14 @@ class RunDirectory(Callback):
             lock.release(claimed=False)
             refuse(run_dir, e)
         lock.claim()
+        try:
+            with writing("the run's config (.hydra/ and config_changes.jsonl)", run_dir):
+                save_hydra_files(config, run_dir)
+                record_changes(run_dir, accepted, forced, new.get("trainer.resume"))
+        except NoSpaceError as e:
+            lock.release()
+            refuse(run_dir, e)
         _locks[run_dir], _accepted[run_dir] = lock, accepted
-        save_hydra_files(config, run_dir)
-        record_changes(run_dir, accepted, forced, new.get("trainer.resume"))
 
     @staticmethod
     def _check(run_dir: Path, new: dict[str, Any], multirun: bool) -> tuple[list[Change], list[Change]]:
@@ -271,15 +276,46 @@ class RunDirectory(Callback):
 
 
 def save_hydra_files(config: DictConfig, run_dir: Path) -> None:
-    """What Hydra itself would save: .hydra/config.yaml (the job's config), hydra.yaml and overrides.yaml."""
+    """What Hydra itself would save: .hydra/config.yaml (the job's config), hydra.yaml and overrides.yaml, each
+    written aside and renamed in, so a full disk leaves the old record whole."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.utils import _save_config
 
-    out = run_dir / ".hydra"
+    out, tmp = run_dir / ".hydra", run_dir / ".hydra.tmp"
     task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-    _save_config(task, "config.yaml", out)
-    _save_config(HydraConfig.instance().cfg, "hydra.yaml", out)
-    _save_config(config.hydra.overrides.task, "overrides.yaml", out)
+    files = {"config.yaml": task, "hydra.yaml": HydraConfig.instance().cfg, "overrides.yaml": config.hydra.overrides.task}
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, node in files.items():
+            (tmp / name).write_text(OmegaConf.to_yaml(node))
+        out.mkdir(exist_ok=True)
+        for name in files:
+            os.replace(tmp / name, out / name)
+    finally:
+        for name in files:
+            (tmp / name).unlink(missing_ok=True)
+        if tmp.exists():
+            tmp.rmdir()
+
+
+class RunLogHandler(logging.FileHandler):
+    """run.log (conf/hydra/job_logging), opened at its first line. On a full disk it says so once, on the console,
+    and stops writing, instead of printing a traceback for every line the run logs."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None):
+        super().__init__(filename, mode, encoding, delay=True)
+        self.full = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.full:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not is_no_space(error):
+            return super().handleError(record)
+        self.full = True
+        print(f"warning: no space left to write run.log in {Path(self.baseFilename).parent}: free disk space; "
+              "the log goes on on the console only", file=sys.stderr)
 
 
 def refuse(run_dir: Path, error: UserError) -> None:
