@@ -89,16 +89,49 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "ParallelLauncher", "LocalLauncher")
 
 
-def sweep_jobs(config: DictConfig) -> list[list[str]]:
-    """Each job's overrides, in the order Hydra's basic sweeper launches them (job k is number k)."""
+def _sweep_arguments(config: DictConfig) -> list[str]:
+    """The overrides a sweeper expands: its own `params`, then the command line's (as Hydra's sweepers do)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+
+
+def sweep_jobs(config: DictConfig) -> list[tuple[str, list[str]]]:
+    """(name, overrides) of each job, in the order Hydra's basic sweeper launches them (job k is number k)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(arguments)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    jobs = [job for batch in BasicSweeper.split_arguments(parser.parse_overrides(_sweep_arguments(config)), None)
+            for job in batch]
+    varying = _varying_keys(jobs)
+    return [(f"job {k} ({' '.join(o for o in job if o.split('=', 1)[0] in varying) or ' '.join(job)})", job)
+            for k, job in enumerate(jobs)]
+
+
+def search_probes(config: DictConfig) -> list[tuple[str, list[str]]]:
+    """For an Optuna search, whose trials are proposed as it goes: trials at the edges of its space (every choice,
+    both ends of every range; the other parameters at their low end), so a value no trial could use fails first."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # optuna's import of it logs each of its plugins
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from optuna.distributions import CategoricalDistribution, LogUniformDistribution, UniformDistribution
+
+    space, fixed = create_params_from_overrides(_sweep_arguments(config))
+    edges = {}
+    for name, d in space.items():
+        if name in fixed:
+            continue
+        if isinstance(d, CategoricalDistribution):
+            edges[name] = list(d.choices)
+        else:  # Optuna 2 draws a float from [low, high), an integer or a stepped float from [low, high]
+            high = math.nextafter(d.high, d.low) if isinstance(d, (UniformDistribution, LogUniformDistribution)) \
+                else d.high
+            edges[name] = [d.low, high]
+    base = [f"{k}={v}" for k, v in fixed.items()]
+    probes = [tuple(f"{k}={v[0]}" for k, v in edges.items())]
+    for name, values in edges.items():
+        probes += [tuple(f"{k}={value if k == name else v[0]}" for k, v in edges.items()) for value in values[1:]]
+    return [(f"a trial with {' '.join(p)}" if p else "every trial", [*base, *p]) for p in dict.fromkeys(probes)]
 
 
 def job_problems(config: DictConfig, overrides: list[str], on_this_machine: bool) -> list[str]:
@@ -123,28 +156,33 @@ def job_problems(config: DictConfig, overrides: list[str], on_this_machine: bool
 
 
 def check_jobs(config: DictConfig) -> None:
-    """Validate every job of a basic sweep; exit 2, naming each bad job and key, before any job runs."""
-    if config.hydra.sweeper._target_ != BASIC_SWEEPER:
-        return  # Optuna and other searches propose their jobs as they go: each one is validated when it starts
+    """Validate every job of a basic sweep (the edges of an Optuna search); exit 2, naming each bad job and key,
+    before any job runs. Other sweepers' jobs are validated as each starts."""
+    sweeper = str(config.hydra.sweeper._target_)
+    if sweeper != BASIC_SWEEPER and not sweeper.endswith("OptunaSweeper"):
+        return
     started = time.perf_counter()
     on_this_machine = str(config.hydra.launcher._target_).endswith(LOCAL_LAUNCHERS)
-    problems, bad = [], 0
+    search = sweeper != BASIC_SWEEPER
+    problems, seen, bad = [], set(), 0
     try:
-        jobs = sweep_jobs(config)
-        log.info("checking the configs of %d sweep jobs", len(jobs))
-        varying = _varying_keys(jobs)
-        for num, job in enumerate(jobs):
-            shown = " ".join(o for o in job if o.split("=", 1)[0] in varying) or " ".join(job)
-            found = job_problems(config, job, on_this_machine)
-            problems += [f"job {num} ({shown}): {p}" for p in found]
+        jobs = search_probes(config) if search else sweep_jobs(config)
+        log.info("checking the configs of %s", f"{len(jobs)} trials at the edges of the search space" if search
+                 else f"{len(jobs)} sweep jobs")
+        for name, job in jobs:
+            found = [p for p in job_problems(config, job, on_this_machine) if not (search and p in seen)]
+            seen.update(found)  # a search's probes share most values: each problem once
+            problems += [f"{name}: {p}" for p in found]
             bad += bool(found)
     except KeyboardInterrupt:
         print("interrupted while checking the sweep's jobs; none has run", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     log.debug("validated %d sweep jobs in %.1fs", len(jobs), time.perf_counter() - started)
     if problems:
-        print(f"error: {bad} of {len(jobs)} sweep jobs have config problems; no job was run. Fix them and run "
-              "the sweep again:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        what = "the search space has values no trial can use" if search \
+            else f"{bad} of {len(jobs)} sweep jobs have config problems"
+        print(f"error: {what}; no job was run. Fix them and run the sweep again:\n"
+              + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         raise SystemExit(2)  # SystemExit, because Hydra turns a callback's exceptions into warnings
 
 

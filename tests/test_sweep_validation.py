@@ -36,6 +36,16 @@ def test_a_bad_value_in_a_later_job_fails_the_sweep_before_any_job_trains(tmp_pa
     assert not sweep_dir.exists()  # nor its directory, nor the sweep's
 
 
+def test_a_sweep_over_data_files_with_one_missing_fails_before_any_job_trains(tmp_path) -> None:
+    (tmp_path / "corpus.txt").write_text("a line of text to train on\n" * 50)
+    result = run_cli(["-m", *TINY_SWEEP, "data=text", "data.path=corpus.txt,missing.txt",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "job 1 (data.path=missing.txt): data.path=missing.txt: no such file or directory" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_slurm_sweep_leaves_the_device_check_to_the_nodes() -> None:
     """Jobs that run on other machines are not checked against this one's devices before launch."""
     cfg = compose_cfg(["model=gpt2_tiny", "hardware=cuda"])
@@ -48,7 +58,8 @@ def test_a_slurm_sweep_leaves_the_device_check_to_the_nodes() -> None:
 
 
 def test_ctrl_c_while_the_sweep_checks_its_jobs_exits_130_without_a_traceback(tmp_path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "llmtrain.run", "-m", *TINY_SWEEP, "trainer.batch_size=1,2,3,4,5,6"],
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrain.run", "-m", *TINY_SWEEP, "trainer.max_steps=1",
+                             "trainer.batch_size=1,2,3,4,5,6"],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -94,3 +105,18 @@ def test_ctrl_c_stops_a_sweep_and_the_command_it_prints_completes_it(tmp_path, l
         assert rerun.stdout.count(f"outputs: {run}\n") == 1  # each job completed once, by the rerun
     for run in stopped:
         assert "resumed from" in (run / "run.log").read_text()
+
+
+def test_an_optuna_search_with_values_no_trial_can_use_fails_before_any_trial(tmp_path) -> None:
+    """Both ends of a range and every choice are checked; a float range's upper end is not drawn, so 1 is fine."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", *TINY_SWEEP, "trainer.max_steps=20",
+                      "optimizer.lr=interval(-1,0.001)", "trainer.batch_size=choice(8,0)",
+                      "scheduler.warmup_ratio=interval(0,1)", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert "Traceback" not in out
+    assert "the search space has values no trial can use" in result.stderr
+    problems = [line.split(": ", 1)[1] for line in result.stderr.splitlines() if line.startswith("  - a trial with")]
+    assert sorted(p.split(":")[0] for p in problems) == ["optimizer.lr=-1.0", "trainer.batch_size=0"], problems
+    assert not sweep_dir.exists()
