@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from llmtrain.errors import ConfigError
+from llmtrain.errors import ConfigError, DataError
 
 GROUPS = ("model", "data", "optimizer", "scheduler", "trainer", "hardware")
 # Arguments the wiring in run.py supplies at run time, not the YAML.
@@ -179,8 +179,9 @@ def _check_ranges(cfg: DictConfig, problems: list[str], bad: set[str]) -> None:
             bad.add(key)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise one ConfigError listing every problem in the composed config."""
+def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
+    """Raise one ConfigError listing every problem in the composed config. on_this_machine=False leaves out the
+    checks against this machine, its devices and data files (a SLURM sweep's jobs run on other machines)."""
     problems: list[str] = []
     missing = sorted(OmegaConf.missing_keys(cfg))
     for key in missing:
@@ -191,15 +192,16 @@ def validate(cfg: DictConfig) -> None:
     for group in GROUPS:
         _check_signature(group, cfg[group], problems, bad)
     _check_ranges(cfg, problems, bad)
-    _check_values(cfg, problems, bad)
+    _check_values(cfg, problems, bad, on_this_machine)
     if not any(k.startswith("model.") or k == "data.max_length" for k in bad):
         _check_model(cfg, problems)
     if problems:
         raise ConfigError(problems)
 
 
-def _check_values(cfg: DictConfig, problems: list[str], bad: set[str]) -> None:
-    """Settings checked against the world: scheduler names, encodings, the checkpoint to resume, the hardware."""
+def _check_values(cfg: DictConfig, problems: list[str], bad: set[str], on_this_machine: bool) -> None:
+    """Settings checked against the world: scheduler names, encodings, the checkpoint to resume, the data files,
+    the hardware."""
     from transformers import SchedulerType
 
     names = [s.value for s in SchedulerType]
@@ -223,6 +225,15 @@ def _check_values(cfg: DictConfig, problems: list[str], bad: set[str]) -> None:
             and (t.early_stopping.get("patience") or 0) > 0 and t.eval_every == 0:
         problems.append(f"trainer.early_stopping.patience={t.early_stopping.patience} needs evaluations during the "
                         "run: set trainer.eval_every (e.g. 100) or trainer.early_stopping.patience=0")
+    if not on_this_machine:
+        return
+    if cfg.data.source in ("text", "json") and "data.path" not in bad:  # before a sweep's first job, too
+        from llmtrain.sources import RECORD_SUFFIXES, TEXT_SUFFIXES, resolve_files
+
+        try:
+            resolve_files(cfg.data.path, TEXT_SUFFIXES if cfg.data.source == "text" else RECORD_SUFFIXES)
+        except DataError as e:
+            problems.extend(e.problems)
     hardware = {k: v for k, v in OmegaConf.to_container(cfg.hardware, resolve=True).items()
                 if not k.startswith("_") and f"hardware.{k}" not in bad}
     try:  # Hardware checks device and precision against this machine (keys reported already left out)

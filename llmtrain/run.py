@@ -80,6 +80,8 @@ def main(cfg: DictConfig) -> float:
             summary.update(status="completed", wall_time_s=time.perf_counter() - started)
             write_json(run_dir / "metrics.json", summary)
     except (UserError, Interrupted) as e:
+        if in_sweep and isinstance(e, Interrupted):
+            e.again = sweep.rerun_args(hc.sweep.dir)
         log.error("%s%s", "" if isinstance(e, Interrupted) else "error: ", e)
         log.debug("where it was raised (shown with hydra.verbose=llmtrain):", exc_info=True)
         write_status(run_dir, {"status": "interrupted" if isinstance(e, Interrupted) else "failed", "error": str(e)})
@@ -87,7 +89,8 @@ def main(cfg: DictConfig) -> float:
             return math.nan  # recorded: the sweep runs its other jobs, then exits non-zero naming this one
         sys.exit(e.code if isinstance(e, Interrupted) else 2)  # an interrupt stops the whole sweep
     except KeyboardInterrupt:  # Ctrl-C before training began (the trainer handles it from then on)
-        log.error("interrupted before training started; nothing to save")
+        log.error("interrupted before training started; nothing to save%s", f". To continue the sweep, run the "
+                  f"same command with {sweep.rerun_args(hc.sweep.dir)}" if in_sweep else "")
         sys.exit(128 + signal.SIGINT)
     except Exception as e:
         if not in_sweep:
@@ -107,6 +110,11 @@ if __name__ == "__main__":
         sys.exit(workers.follow(train))
     try:
         workers.lead(main)
+    except KeyboardInterrupt:  # Ctrl-C outside a job: Hydra composing a sweep's next job, or writing its summary
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+        print("interrupted" + (f". To continue the sweep, run the same command with {sweep.rerun_args(hc.sweep.dir)}"
+                               if hc is not None and hc.mode == RunMode.MULTIRUN else ""), file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as exit_:
         if exit_.code == 1:  # Hydra rejected the command line: add a "did you mean" for misspelt keys
             for hint in override_hints(sys.argv[1:]):

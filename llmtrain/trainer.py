@@ -31,11 +31,16 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved. `code` is the conventional exit status."""
 
     def __init__(self, signum: int, run_dir: Path | None = None, step: int | None = None):
-        self.code = 128 + signum
-        where = f" at step {step}; checkpoint saved in {run_dir}/checkpoints/step-{step}" if run_dir else ""
-        again = f"hydra.run.dir={run_dir} trainer.resume=auto" if run_dir else "trainer.resume=auto"
-        super().__init__(f"stopped by {signal.Signals(signum).name}{where}. To continue, run the same command "
-                         f"with {again}")
+        super().__init__(signum, run_dir, step)
+        self.code, self.signum, self.run_dir, self.step = 128 + signum, signum, run_dir, step
+        # what to add to the command to continue; a sweep job says hydra.sweep.dir=... instead (run.py)
+        self.again = f"hydra.run.dir={run_dir} trainer.resume=auto" if run_dir else "trainer.resume=auto"
+
+    def __str__(self) -> str:
+        where = f" at step {self.step}; checkpoint saved in {self.run_dir}/checkpoints/step-{self.step}" \
+            if self.run_dir else ""
+        return f"stopped by {signal.Signals(self.signum).name}{where}. To continue, run the same command with " \
+               f"{self.again}"
 
 
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
