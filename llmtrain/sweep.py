@@ -186,6 +186,36 @@ def check_jobs(config: DictConfig) -> None:
         raise SystemExit(2)  # SystemExit, because Hydra turns a callback's exceptions into warnings
 
 
+def check_rerun(config: DictConfig) -> None:
+    """A basic sweep rerun into its directory: each job that has a record there is checked against it (rundir.check)
+    before any job runs, so no job's results are reported under settings they were not made with; exit 2 listing
+    each job and key. Nothing in the sweep directory is written before (not even multirun.yaml)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmtrain import rundir
+    from llmtrain.errors import ConfigError
+
+    if str(config.hydra.sweeper._target_) != BASIC_SWEEPER or not Path(config.hydra.sweep.dir).is_dir():
+        return
+    problems = []
+    for num, (name, job) in enumerate(sweep_jobs(config)):
+        cfg = GlobalHydra.instance().config_loader().load_sweep_config(config, list(job))
+        with read_write(cfg), open_dict(cfg):
+            cfg.hydra.job.num = num
+        run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        old = rundir.recorded_settings(run_dir) if rundir.has_record(run_dir) else None
+        if old is None:
+            continue
+        try:
+            rundir.check(old, rundir.settings(cfg), f"{name}, {run_dir},")
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        print("error: " + "\n".join(problems) + "\nNo job was run. Or rerun the sweep into a new hydra.sweep.dir",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _varying_keys(jobs: list[list[str]]) -> set[str]:
     """Keys whose value differs between jobs (what names a job)."""
     values: dict[str, set[str]] = {}
@@ -216,6 +246,7 @@ class SweepSummary(Callback):
             with read_write(config.hydra), open_dict(config.hydra):
                 config.hydra.overrides.hydra.append(
                     "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in exclude) + "]")
+        check_rerun(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
