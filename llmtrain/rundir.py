@@ -236,20 +236,16 @@ class RunDirectory(Callback):
         run_dir = Path(config.hydra.runtime.output_dir).resolve()
         multirun = config.hydra.mode == RunMode.MULTIRUN
         lock = RunLock(run_dir)
-        try:
+        try:  # SystemExit: Hydra turns a callback's exceptions into warnings and would run the job anyway
             lock.acquire()
             new = settings(config)
             accepted, forced = self._check(run_dir, new, multirun)
-        except UserError as e:
-            lock.release(claimed=False)
-            refuse(run_dir, e)
-        lock.claim()
-        try:
-            with writing("the run's config (.hydra/ and config_changes.jsonl)", run_dir):
+            with writing("the run's config (.lock, .hydra/ and config_changes.jsonl)", run_dir):
+                lock.claim()
                 save_hydra_files(config, run_dir)
                 record_changes(run_dir, accepted, forced, new.get("trainer.resume"))
-        except NoSpaceError as e:
-            lock.release()
+        except UserError as e:
+            lock.release(claimed=False)
             refuse(run_dir, e)
         _locks[run_dir], _accepted[run_dir] = lock, accepted
 
@@ -308,6 +304,13 @@ class RunLogHandler(logging.FileHandler):
     def emit(self, record: logging.LogRecord) -> None:
         if not self.full:
             super().emit(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the lines still buffered when the disk filled up: said already, dropped
+            if not is_no_space(e):
+                raise
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]

@@ -4,6 +4,7 @@ half-written; the previous checkpoint stays loadable and a resume, once there is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,11 +16,10 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
-from conftest import TINY_GPT, records, run_cli
+from conftest import TINY_GPT, records, run_cli, start_slow_run, wait_for
 from llmtrain import checkpoint
 from llmtrain.errors import NoSpaceError, writing
 from llmtrain.tracking import Tracker
-from test_resume import start_slow_run, wait_for
 
 FAST = [*TINY_GPT, "hardware.num_threads=1"]
 
@@ -230,3 +230,33 @@ def test_the_safety_net_maps_a_full_disk_no_write_site_named(tmp_path: Path, dis
             with open(root / "notes.txt", "w") as f:
                 f.write("x" * 100_000)
                 f.flush()
+
+
+# -- Hydra's files and run.log ----------------------------------------------------------------------------------
+def test_a_full_disk_before_the_run_starts_refuses_it_cleanly(tmp_path: Path, disk) -> None:
+    """Not even .hydra/ fits: exit 2 naming it, nothing half-written, no traceback (run.log on the full disk too)."""
+    root = disk(1024)
+    fill(root)
+    run = root / "run"
+    done = run_cli([*FAST, "trainer.max_steps=2", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert_clean_failure(done, f"the run's config (.lock, .hydra/ and config_changes.jsonl) in {run}", run)
+    assert not (run / ".hydra").exists()
+
+
+def test_run_log_on_a_full_disk_says_so_once(tmp_path: Path, disk, capfd) -> None:
+    from llmtrain.rundir import RunLogHandler
+
+    root = disk(256)
+    fill(root)
+    handler = RunLogHandler(str(root / "run.log"))
+    logger = logging.getLogger("llmtrain.test_run_log")
+    logger.addHandler(handler)
+    try:
+        for i in range(200):
+            logger.warning("line %d of a run that goes on", i)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capfd.readouterr().err
+    assert err.count(f"no space left to write run.log in {root}") == 1, err
+    assert "Logging error" not in err and "Traceback" not in err
