@@ -223,10 +223,11 @@ def test_the_real_command_line_suggests_a_key_for_a_typo(tmp_path: Path) -> None
 
 
 def test_verbose_shows_where_the_error_was_raised(tmp_path: Path, capfd, monkeypatch) -> None:
-    code, output = run_main([*TINY, "data=text", f"data.path={tmp_path}/missing.txt", "hydra.verbose=llmtrain"],
+    (tmp_path / "bad.csv").write_text("text,label\nfine,a\nnot, quoted,b\n")
+    code, output = run_main([*TINY, "data=json", f"data.path={tmp_path}/bad.csv", "hydra.verbose=llmtrain"],
                             tmp_path / "run", capfd, monkeypatch)
-    assert code == OURS and "missing.txt" in output
-    assert "Traceback" in output and "resolve_files" in output
+    assert code == OURS and "bad.csv:3" in output
+    assert "Traceback" in output and "read_csv" in output
 
 
 def test_ctrl_c_before_training_exits_130_quietly(tmp_path: Path, capfd, monkeypatch) -> None:
