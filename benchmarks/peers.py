@@ -47,9 +47,10 @@ def build(overrides: list[str]):
     """(cfg, hardware, data, model) exactly as llmtrain.run.train builds them: same seed, so the same weights."""
     from hydra import compose, initialize_config_dir
 
-    from llmtrain.run import quiet_libraries, setup
+    from llmtrain.hardware import quiet_libraries
+    from llmtrain.run import setup
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "llmtrain" / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     quiet_libraries()
     return (cfg, *setup(cfg))

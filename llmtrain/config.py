@@ -12,7 +12,7 @@ import types
 import typing
 from pathlib import Path
 
-from hydra.utils import get_method
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmtrain.errors import ConfigError, DataError
@@ -21,7 +21,7 @@ GROUPS = ("model", "data", "optimizer", "scheduler", "trainer", "hardware")
 # Arguments the wiring in run.py supplies at run time, not the YAML.
 RUNTIME_ARGS = {"model", "data", "optimizer", "scheduler", "hardware", "run_dir", "hparams", "num_training_steps",
                 "device", "self", "settings"}
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parent / "conf"  # in the package: a wheel carries it
 
 # (key, check, what to type instead)
 RANGES = [
@@ -58,12 +58,6 @@ FLOAT_KEYS = ("lr", "weight_decay", "mlm_probability", "validation_split", "warm
 # Settings whose value is a mapping the code reads by name: their keys are fixed too.
 NESTED = {"trainer.early_stopping": ("patience", "min_delta"), "data.tokenizer": ("name", "vocab_size", "min_frequency")}
 CHOICES = {"model.task": ("mlm", "clm", "cls"), "data.source": ("builtin", "wikitext2", "text", "json")}
-
-
-def _locate(path: str):
-    from hydra._internal.utils import _locate as locate
-
-    return locate(path)
 
 
 def _type_hints(fn) -> dict:
@@ -115,7 +109,7 @@ def _check_signature(group: str, node: DictConfig, problems: list[str], bad: set
         problems.append(f"{group}: the config has no _target_; pick an option from conf/{group}/")
         return
     try:
-        fn = get_method(target) if not inspect.isclass(_locate(target)) else _locate(target)
+        fn = get_object(target)
     except Exception:  # noqa: BLE001
         problems.append(f"{group}._target_={target}: cannot be imported")
         return
@@ -237,7 +231,7 @@ def _check_values(cfg: DictConfig, problems: list[str], bad: set[str], on_this_m
     hardware = {k: v for k, v in OmegaConf.to_container(cfg.hardware, resolve=True).items()
                 if not k.startswith("_") and f"hardware.{k}" not in bad}
     try:  # Hardware checks device and precision against this machine (keys reported already left out)
-        _locate(cfg.hardware._target_)(**hardware)
+        get_object(cfg.hardware._target_)(**hardware)
     except ConfigError as e:
         problems.extend(p for p in e.problems if p not in problems)
     except Exception:  # noqa: BLE001 - reported by the signature check

@@ -25,7 +25,7 @@ TEXT_KEYS = {"mode", "prompt", "prompt_file", "device"}  # taken verbatim; every
 MODES = ("generate", "fill-mask")
 USAGE = ("usage: python -m llmtrain.generate <model dir> [prompt=TEXT | prompt_file=FILE] [max_new_tokens=N] "
          "[temperature=T] [top_k=K] [top_p=P] [no_repeat_ngram_size=N] [num_return_sequences=N] [seed=S] "
-         "[mode=generate|fill-mask] [num_predictions=N]; defaults and the full list: conf/generate.yaml")
+         "[mode=generate|fill-mask] [num_predictions=N]; defaults and the full list: llmtrain/conf/generate.yaml")
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict]:

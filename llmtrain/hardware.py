@@ -99,3 +99,14 @@ class Hardware:
         torch.manual_seed(seed)
         log.info("hardware: device=%s precision=%s threads=%d compile=%s",
                  self.device, self.precision, threads, self.compile)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar and log lines are the run's output; silence the libraries' bars and chatter."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

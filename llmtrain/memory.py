@@ -123,7 +123,7 @@ def main(argv: list[str]) -> None:
 
     from llmtrain.config import CONF
     from llmtrain.errors import UserError
-    from llmtrain.run import quiet_libraries
+    from llmtrain.hardware import quiet_libraries
 
     as_json = "--json" in argv
     overrides = [a for a in argv if a != "--json"]

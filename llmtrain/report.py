@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llmtrain.sweep import read_status
+from llmtrain.rundir import read_status
 
 # (metrics.json key, column title, format)
 METRICS = [("eval_loss", "eval loss", "{:.4f}"), ("eval_perplexity", "perplexity", "{:.2f}"),

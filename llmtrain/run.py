@@ -17,21 +17,11 @@ from omegaconf import DictConfig
 from llmtrain import distributed, rundir, sweep, workers
 from llmtrain.config import hparams, override_hints, validate
 from llmtrain.errors import UserError, writing
+from llmtrain.hardware import quiet_libraries
 from llmtrain.tracking import write_json, write_status
 from llmtrain.trainer import Interrupted, Trainer
 
 log = logging.getLogger("llmtrain")
-
-
-def quiet_libraries() -> None:
-    """Our own progress bar and log lines are the run's output; silence the libraries' bars and chatter."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def setup(cfg: DictConfig) -> tuple:
@@ -61,7 +51,7 @@ def train(cfg: DictConfig, run_dir: Path, model_name: str = "model") -> dict:
     return build_trainer(cfg, run_dir, model_name).fit()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the final eval loss (what sweepers minimize)."""
     started = time.perf_counter()

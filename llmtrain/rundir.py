@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from llmtrain.errors import ConfigError, NoSpaceError, UserError, is_no_space, writing
+from llmtrain.errors import ConfigError, UserError, is_no_space, writing
 
 log = logging.getLogger("llmtrain")
 
@@ -176,6 +176,14 @@ def check(old: dict[str, Any], new: dict[str, Any], where: str) -> tuple[list[Ch
             "Run with the recorded values, give this run its own directory, or let the changes through on purpose "
             f"with 'allow_changes=[{keys}]' (recorded in {CHANGES_FILE})"]))
     return free + length + forced, forced
+
+
+def read_status(run_dir: Path) -> dict:
+    """The run's metrics.json (status `completed`, `failed` or `interrupted`), or {} while it runs or if it died."""
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def has_record(run_dir: Path) -> bool:

@@ -5,7 +5,6 @@ Hydra imports this module at start-up (the callback in conf/config.yaml), so it 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,17 +22,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from llmtrain.rundir import read_status
+
 log = logging.getLogger(__name__)
 
 THREADS_KEY = "hardware.num_threads"
-
-
-def read_status(run_dir: Path) -> dict:
-    """The run's metrics.json (status `completed`, `failed` or `interrupted`), or {} while it runs or if it died."""
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def finished_loss(run_dir: Path) -> float | None:

@@ -218,7 +218,7 @@ def _reraise(tmp: Path, run_dir: Path, error: Exception) -> None:
 def _worker_logging(logging_cfg: dict | None) -> None:
     """Rank 0 logs as the Hydra job does (console and run.log); other ranks show only warnings and errors.
     The libraries stay as quiet as run.py makes them."""
-    from llmtrain.run import quiet_libraries
+    from llmtrain.hardware import quiet_libraries
 
     quiet_libraries()
     if logging_cfg:

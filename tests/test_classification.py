@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import random
 from pathlib import Path
 
 import pytest
@@ -12,50 +11,10 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import TINY, compose_cfg, train_in_process
+from conftest import CLS, FAST_CLS as FAST, TINY, compose_cfg, topic_dir, topic_records, train_in_process, write_jsonl
 from llmtrain import metrics
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.models import ModelSpec
-
-TOPICS = {"sports": "goal match team coach score league striker referee".split(),
-          "food": "bread soup recipe cheese bake spice dinner kitchen".split(),
-          "tech": "laptop software server code chip network robot screen".split()}
-FILLER = "the a of and to in it was very that this with we they then later today again quite".split()
-# Classification runs: the tiny test config with labeled data. One thread: on a busy 2-core machine a model this
-# small runs 80 steps in ~1 s with one thread and ~45 s with two (each op waits for the descheduled thread).
-CLS = [*TINY, "model=distilbert_cls_tiny", "data=json", "trainer.batch_size=16", "optimizer.lr=3e-3",
-       "trainer.log_every=10", "hardware.num_threads=1"]
-# What makes the tiny classifier learn in few steps every time: width 64, no dropout, a high learning rate.
-# (At width 32 with dropout, some seeds sit for 100+ steps with two of the three classes merged.)
-FAST = ["model.config.dim=64", "model.config.hidden_dim=128", "model.config.dropout=0.0",
-        "model.config.attention_dropout=0.0", "++model.config.seq_classif_dropout=0.0", "optimizer.lr=5e-3"]
-
-
-def topic_records(n: int, seed: int, weights: tuple[float, ...] = (1, 1, 1)) -> list[dict]:
-    """Short texts of filler words with one or two words of their topic: learnable, varied in length."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        label = rng.choices(list(TOPICS), weights=weights)[0]
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 16))]
-        for _ in range(rng.randint(2, 3)):
-            words.insert(rng.randrange(len(words) + 1), rng.choice(TOPICS[label]))
-        out.append({"text": " ".join(words), "label": label})
-    return out
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def topic_dir(root: Path, n_train: int = 1200, n_valid: int = 300) -> Path:
-    """A directory with train.jsonl and valid.jsonl (the second is the validation split, by its name)."""
-    write_jsonl(root / "train.jsonl", topic_records(n_train, seed=1))
-    write_jsonl(root / "valid.jsonl", topic_records(n_valid, seed=2))
-    return root
-
 
 def test_classifier_learns_saves_labels_and_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny DistilBERT classifier reaches >= 95% validation accuracy (1.00 measured), and the saved model/

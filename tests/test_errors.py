@@ -5,14 +5,11 @@ import codecs
 import json
 import logging
 import random
-import runpy
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, TINY_GPT, build, run_cli, train_in_process
+from conftest import TINY, TINY_GPT, build, run_cli, run_main, train_in_process
 from llmtrain import sources
 from llmtrain.errors import DataError
 
@@ -145,30 +142,6 @@ CASES = [
      OURS, ["two_lines.txt", "data.validation_split=0.9 of 2 documents leaves none for training"]),
     ("wikitext_dir_without_files", ["data=wikitext2", "data.path={d}/empty_dir"], OURS, ["empty_dir", "wiki.train"]),
 ]
-
-
-def run_main(args: list[str], run_dir: Path, capfd, monkeypatch) -> tuple[int, str]:
-    """`python -m llmtrain.run ARGS`, in this process (the real entry point, __main__ block included)."""
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "llmtrain" / "run.py"), *args, f"hydra.run.dir={run_dir}"])
-    capfd.readouterr()
-    root, ours = logging.getLogger(), logging.getLogger("llmtrain")
-    saved = root.handlers[:], root.level, ours.level
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: llmtrain.run is already imported
-        try:
-            runpy.run_module("llmtrain.run", run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:  # Hydra configured logging for the run (handlers on this test's captured streams): undo it
-            for handler in root.handlers:
-                if handler not in saved[0]:
-                    handler.close()
-            root.handlers[:] = saved[0]
-            root.setLevel(saved[1])
-            ours.setLevel(saved[2])
-    out, err = capfd.readouterr()
-    return code, out + err
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (ROOT, TINY_BERT, TINY_GPT, build, compose_cfg, logged_past, records, start_slow_run,
+from conftest import (ROOT, TINY_BERT, TINY_GPT, build, compose_cfg, logged_past, records, run_main, start_slow_run,
                       train_in_process, wait_for)
 from llmtrain import checkpoint, trainer as trainer_mod
 from llmtrain.config import validate
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.trainer import Trainer
-from test_errors import run_main
 
 FAST = ["hardware.num_threads=1"]
 

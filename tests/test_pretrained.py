@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
-from conftest import TINY, train_in_process
+from conftest import CLS, TINY, topic_dir, train_in_process
 from llmtrain.errors import ConfigError
 from llmtrain.models import ModelSpec
-from test_classification import CLS, topic_dir
 
 HEAD = {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
 

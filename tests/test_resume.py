@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_BERT, TINY_GPT, logged_past, records, scalars, start_slow_run, train_in_process, wait_for
+from conftest import TINY_BERT, assert_same_weights, TINY_GPT, logged_past, records, scalars, start_slow_run, train_in_process, wait_for
 from llmtrain import checkpoint
 from llmtrain.data import DataModule
 
@@ -33,13 +33,6 @@ def assert_same_curve(got: list[tuple], want: list[tuple]) -> None:
     for g, w in zip(got, want):
         for a, b in zip(g[3:], w[3:]):
             assert (a is None and b is None) or abs(a - b) <= 1e-6, (g, w)
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
-    assert worst <= 1e-6, worst
 
 
 @pytest.mark.slow

@@ -262,7 +262,7 @@ TRIVIAL_TASK = """
 def test_sweeps_started_together_get_their_own_directories(tmp_path: Path) -> None:
     """The default multirun/<date>/<time> layout, from llmtrain's config; the task is a stub (no training)."""
     script = tmp_path / "task.py"
-    script.write_text(textwrap.dedent(TRIVIAL_TASK.format(conf=str(ROOT / "conf"))))
+    script.write_text(textwrap.dedent(TRIVIAL_TASK.format(conf=str(ROOT / "llmtrain" / "conf"))))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, str(script), "-m", "trainer.batch_size=1,2", "model=gpt2_tiny"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
