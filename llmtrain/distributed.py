@@ -36,6 +36,15 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t summed over all ranks (t itself in a one-process run); on the CPU."""
+    if world_size() > 1:
+        t = t.to(device)
+        dist.all_reduce(t)
+        t = t.cpu()
+    return t
+
+
 def local_world_size() -> int:
     """Ranks on this machine (they share its cores)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,19 @@ def writing(what: str | None, path: Path | str, advice: str = "free disk space",
             name = _filename(e)
             what, path = (Path(name).name, Path(name).parent) if name else ("the run's outputs", path)
         raise NoSpaceError(what, path, advice) from e
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. `code` is the conventional exit status."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None, step: int | None = None):
+        super().__init__(signum, run_dir, step)
+        self.code, self.signum, self.run_dir, self.step = 128 + signum, signum, run_dir, step
+        # what to add to the command to continue; a sweep job says hydra.sweep.dir=... instead (run.py)
+        self.again = f"hydra.run.dir={run_dir} trainer.resume=auto" if run_dir else "trainer.resume=auto"
+
+    def __str__(self) -> str:
+        where = f" at step {self.step}; checkpoint saved in {self.run_dir}/checkpoints/step-{self.step}" \
+            if self.run_dir else ""
+        return f"stopped by {signal.Signals(self.signum).name}{where}. To continue, run the same command with " \
+               f"{self.again}"

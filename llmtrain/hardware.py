@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import resource
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,3 +111,11 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CUDA: peak allocated on the GPU as well)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rss = max(rss, torch.cuda.max_memory_allocated() / 2**20)
+    return rss

@@ -128,7 +128,10 @@ def settings(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
-    return [Change(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+    """Settings whose values differ; Hydra's own keys (`_target_`, `_partial_`: where the code lives) are not
+    settings, so a run made before a module moved still resumes."""
+    keys = {k for k in set(old) | set(new) if not k.rsplit(".", 1)[-1].startswith("_")}
+    return [Change(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(keys)
             if old.get(k, ABSENT) != new.get(k, ABSENT)]
 
 

@@ -105,3 +105,10 @@ def model_inputs(batch: Batch) -> Batch:
     if "attention_mask" in batch and bool(batch["attention_mask"].all()):
         return {k: v for k, v in batch.items() if k != "attention_mask"}
     return batch
+
+
+def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    labels = batch["labels"]
+    if task == "cls":
+        return labels.numel()
+    return int((labels[:, 1:] if task == "clm" else labels).ne(IGNORE).sum())

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
-import resource
 import shutil
 import signal
 import time
@@ -16,38 +14,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmtrain import checkpoint, distributed, flops, metrics, profiling, rundir, state
+from llmtrain import checkpoint, distributed, flops, profiling, rundir, state
 from llmtrain.data import DataModule
+from llmtrain.errors import Interrupted  # noqa: F401 - raised here, caught by run.py and workers.py
 from llmtrain.errors import ConfigError, NoSpaceError, UserError, writing
-from llmtrain.hardware import Hardware
+from llmtrain.evaluation import Evaluator
+from llmtrain.hardware import Hardware, peak_memory_mb
 from llmtrain.state import RunState
-from llmtrain.tasks import IGNORE, compile_model, loss_terms, model_inputs
+from llmtrain.tasks import compile_model, count_targets, loss_terms, model_inputs
 from llmtrain.tracking import Tracker, truncate_after
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. `code` is the conventional exit status."""
-
-    def __init__(self, signum: int, run_dir: Path | None = None, step: int | None = None):
-        super().__init__(signum, run_dir, step)
-        self.code, self.signum, self.run_dir, self.step = 128 + signum, signum, run_dir, step
-        # what to add to the command to continue; a sweep job says hydra.sweep.dir=... instead (run.py)
-        self.again = f"hydra.run.dir={run_dir} trainer.resume=auto" if run_dir else "trainer.resume=auto"
-
-    def __str__(self) -> str:
-        where = f" at step {self.step}; checkpoint saved in {self.run_dir}/checkpoints/step-{self.step}" \
-            if self.run_dir else ""
-        return f"stopped by {signal.Signals(self.signum).name}{where}. To continue, run the same command with " \
-               f"{self.again}"
-
-
-def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
-    labels = batch["labels"]
-    if task == "cls":
-        return labels.numel()
-    return int((labels[:, 1:] if task == "clm" else labels).ne(IGNORE).sum())
 
 
 class Trainer:
@@ -86,13 +63,9 @@ class Trainer:
         # position, counters and the settings that made the run: everything a checkpoint restores
         self.run = RunState(total_steps=self.total_steps, world_size=self.world, batch_size=batch_size,
                             settings=dict(settings or {}))
+        self.evaluator = Evaluator(data, hardware, batch_size, eval_max_batches)
         self.tracker: Tracker | None = None
         self._signal: int | None = None
-
-    @functools.cached_property
-    def lm_metric(self):
-        """Loaded at the first evaluation: importing `evaluate` takes seconds the first training step need not wait."""
-        return metrics.load("classification" if self.task == "cls" else "lm_metrics")
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -163,52 +136,14 @@ class Trainer:
             checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.data.tokenizer,
                             self.state_dict(), self.keep_last, is_best)
 
-    # ---- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
+    # ---- evaluation and training ---------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Token-weighted loss, perplexity and accuracy over the validation set (accuracy and macro-F1 for cls)."""
-        self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64)
-        preds: list[int] = []
-        refs: list[int] = []
-        for batch in self.data.eval_batches(self.batch_size, self.eval_max_batches, self.rank, self.world):
-            batch = {k: v.to(self.hw.torch_device) for k, v in model_inputs(batch).items()}
-            with self.hw.autocast():
-                if self.task == "cls":
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
-                    loss_sum = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-                    preds += logits.argmax(-1).tolist()
-                    refs += batch["labels"].tolist()
-                    n, correct = batch["labels"].numel(), (logits.argmax(-1) == batch["labels"]).sum()
-                else:
-                    loss_sum, n, correct = loss_terms(self.model, batch, self.task)
-            totals += torch.tensor([float(loss_sum), float(n), float(correct)], dtype=torch.float64)
-        totals = self._all_reduce(totals)
-        self.model.train()
-        if self.task == "cls":
-            preds, refs = distributed.gather(preds), distributed.gather(refs)  # every rank's share of the examples
-            self.lm_metric.add_batch(predictions=preds, references=refs)
-            out = self.lm_metric.compute()
-            loss = float(totals[0] / totals[1])
-            return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "accuracy": out["accuracy"],
-                    "macro_f1": out["macro_f1"]}
-        lm = self.lm_metric
-        lm.add_batch(loss_sum=[float(totals[0])], n_tokens=[int(totals[1])], n_correct=[int(totals[2])])
-        out = lm.compute()
-        result = {"loss": out["loss"], "perplexity": out["perplexity"], "accuracy": out["accuracy"]}
-        words = self.data.info.get("validation_words")
-        if self.task == "clm" and words and self.eval_max_batches is None:
-            result["nll_per_word"] = out["loss"] * self.data.info["validation_tokens"] / words
-        return result
+        return self.evaluator(self.model)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.to(self.hw.torch_device)
-            torch.distributed.all_reduce(t)
-            t = t.cpu()
-        return t
+        return distributed.all_reduce_sum(t, self.hw.torch_device)
 
-    # ---- training -----------------------------------------------------------------------------
     def _micro_batches(self):
         """Yield groups of grad_accum_steps micro-batches, crossing epochs, from the saved position."""
         run = self.run
@@ -450,11 +385,3 @@ class Trainer:
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CUDA: peak allocated on the GPU as well)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rss = max(rss, torch.cuda.max_memory_allocated() / 2**20)
-    return rss
