@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks.peers import build
-from llmtrain.tasks import compile_model, loss_terms, model_inputs
+from llmtrain.training.losses import compile_model, loss_terms, model_inputs
 
 VARIANTS = {  # name: (loss path, optimizer implementation)
     "HF-style: dense loss, per-tensor AdamW": ("dense", {"foreach": False}),

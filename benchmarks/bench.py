@@ -137,8 +137,8 @@ def machine() -> dict:
     """What the benchmark's numbers depend on, detected: CPU, cores, native bf16, the peaks, precision=auto."""
     import torch
 
-    from llmtrain.flops import device_name
-    from llmtrain.hardware import Hardware, compute_cores, cpu_has_native_bf16
+    from llmtrain.training.flops import device_name
+    from llmtrain.runtime.hardware import Hardware, compute_cores, cpu_has_native_bf16
 
     return {"cpu": device_name("cpu"), "cores": compute_cores(), "native_bf16": cpu_has_native_bf16(),
             "auto_precision": Hardware().precision, "peak_fp32": peak("fp32"), "peak_bf16": peak("bf16"),
@@ -149,8 +149,8 @@ def peak(precision: str) -> float:
     """The peak matrix-product rate for precision, measured now; llmtrain's cache keeps the best seen."""
     import torch
 
-    from llmtrain.flops import peak_flops
-    from llmtrain.hardware import compute_cores
+    from llmtrain.training.flops import peak_flops
+    from llmtrain.runtime.hardware import compute_cores
 
     torch.set_num_threads(compute_cores())
     cache = os.environ.get("LLMTRAIN_CACHE", os.path.expanduser("~/.cache/llmtrain"))
@@ -163,7 +163,7 @@ def startup(work: Path) -> tuple[float, float]:
     args = ["trainer.max_steps=1", "trainer.eval_max_batches=1", "trainer.progress=false"]
     for i in range(2):  # the first fills the caches (corpus, tokenizer, blocks, peak FLOP/s)
         run([sys.executable, "-m", "llmtrain.run", *args, f"hydra.run.dir={work}/startup{i}"], timeout=1200)
-    imports = "import llmtrain.run, llmtrain.models, transformers.models.distilbert.modeling_distilbert"
+    imports = "import llmtrain.run, llmtrain.training.models, transformers.models.distilbert.modeling_distilbert"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-c", imports], cwd=ROOT, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

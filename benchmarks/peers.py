@@ -47,7 +47,7 @@ def build(overrides: list[str]):
     """(cfg, hardware, data, model) exactly as llmtrain.run.train builds them: same seed, so the same weights."""
     from hydra import compose, initialize_config_dir
 
-    from llmtrain.hardware import quiet_libraries
+    from llmtrain.runtime.hardware import quiet_libraries
     from llmtrain.run import setup
 
     with initialize_config_dir(config_dir=str(ROOT / "llmtrain" / "conf"), version_base="1.3"):
@@ -58,7 +58,7 @@ def build(overrides: list[str]):
 
 def dense_flops(model: torch.nn.Module, task: str):
     """FLOPs per batch for a peer that runs the whole head at every position (no sparse masked-LM head)."""
-    from llmtrain.flops import FlopModel
+    from llmtrain.training.flops import FlopModel
 
     return dataclasses.replace(FlopModel.of(model, task), sparse_head=False).train_flops
 

@@ -222,7 +222,7 @@ def _check_values(cfg: DictConfig, problems: list[str], bad: set[str], on_this_m
     if not on_this_machine:
         return
     if cfg.data.source in ("text", "json") and "data.path" not in bad:  # before a sweep's first job, too
-        from llmtrain.sources import RECORD_SUFFIXES, TEXT_SUFFIXES, resolve_files
+        from llmtrain.data.sources import RECORD_SUFFIXES, TEXT_SUFFIXES, resolve_files
 
         try:
             resolve_files(cfg.data.path, TEXT_SUFFIXES if cfg.data.source == "text" else RECORD_SUFFIXES)
@@ -239,7 +239,7 @@ def _check_values(cfg: DictConfig, problems: list[str], bad: set[str], on_this_m
 
 
 def _check_resume(resume: str, problems: list[str]) -> None:
-    from llmtrain import checkpoint
+    from llmtrain.training import checkpoint
 
     if not os.path.exists(os.path.expanduser(resume)):
         problems.append(f"trainer.resume={resume}: no such file or directory; use auto, a run directory, "
@@ -254,7 +254,7 @@ def _check_resume(resume: str, problems: list[str]) -> None:
 
 def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     """The HF config the model group describes: loadable, no misspelt fields, enough positions for data.max_length."""
-    from llmtrain.models import ModelSpec
+    from llmtrain.training.models import ModelSpec
 
     spec = ModelSpec(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"})
     try:

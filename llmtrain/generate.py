@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, pipeline, set_seed)
 
-from llmtrain import checkpoint
+from llmtrain.training import checkpoint
 from llmtrain.config import CONF
 from llmtrain.errors import ConfigError, UserError
 

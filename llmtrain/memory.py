@@ -58,7 +58,7 @@ def saved_activations(model: torch.nn.Module, batch: dict[str, torch.Tensor], ta
 
     Storages are counted once however many views of them are saved; parameters are not activations.
     """
-    from llmtrain.tasks import loss_terms, model_inputs
+    from llmtrain.training.losses import loss_terms, model_inputs
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> None:
 
     from llmtrain.config import CONF
     from llmtrain.errors import UserError
-    from llmtrain.hardware import quiet_libraries
+    from llmtrain.runtime.hardware import quiet_libraries
 
     as_json = "--json" in argv
     overrides = [a for a in argv if a != "--json"]

@@ -14,12 +14,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from llmtrain import distributed, rundir, sweep, workers
+from llmtrain.runtime import distributed, rundir, workers
+from llmtrain.sweeps import callback as sweep
 from llmtrain.config import hparams, override_hints, validate
 from llmtrain.errors import UserError, writing
-from llmtrain.hardware import quiet_libraries
-from llmtrain.tracking import write_json, write_status
-from llmtrain.trainer import Interrupted, Trainer
+from llmtrain.runtime.hardware import quiet_libraries
+from llmtrain.training.tracking import write_json, write_status
+from llmtrain.training.trainer import Interrupted, Trainer
 
 log = logging.getLogger("llmtrain")
 

@@ -78,7 +78,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, module: str = "llm
 SLOW_RUN = """
 import os, runpy, sys, time
 from functools import partial
-from llmtrain import tracking, trainer
+from llmtrain.training import tracking, trainer
 after, delay = int(os.environ["SLOW_AFTER"]), float(os.environ["SLOW_DELAY"])
 train_step = trainer.Trainer.train_step
 def slow_step(self, group):
@@ -89,7 +89,7 @@ def slow_step(self, group):
 trainer.Trainer.train_step = slow_step
 tracking.SummaryWriter = partial(tracking.SummaryWriter, flush_secs=0.01)
 if os.environ.get("SLOW_MODEL_S"):  # hold the final model/ half-done (written aside, not yet swapped in)
-    from llmtrain import checkpoint
+    from llmtrain.training import checkpoint
     write_model = checkpoint.write_model
     def slow_write_model(path, *args):
         write_model(path, *args)

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import CLS, FAST_CLS as FAST, TINY, compose_cfg, topic_dir, topic_records, train_in_process, write_jsonl
-from llmtrain import metrics
+from llmtrain.training import metrics
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.models import ModelSpec
+from llmtrain.training.models import ModelSpec
 
 def test_classifier_learns_saves_labels_and_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny DistilBERT classifier reaches >= 95% validation accuracy (1.00 measured), and the saved model/

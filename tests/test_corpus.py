@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from llmtrain import corpus
-from llmtrain.corpus import generate_corpus, unigram_nll_per_word
+from llmtrain.data import corpus
+from llmtrain.data.corpus import generate_corpus, unigram_nll_per_word
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_GPT, assert_same_weights, run_cli, run_main, train_in_process
-from llmtrain import checkpoint
+from llmtrain.training import checkpoint
 from llmtrain.errors import ConfigError
 
 RUN = [*TINY_GPT, "hardware.num_threads=1", "trainer.max_steps=20", "trainer.save_every=10", "trainer.keep_last=0"]

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import TINY_BERT, TINY_GPT, compose_cfg, train_in_process
-from llmtrain.data import mask_tokens
+from llmtrain.data.module import mask_tokens
 
 
 def setup_data(overrides: list[str]):

@@ -15,8 +15,9 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import ROOT, TINY_BERT, TINY_GPT, compose_cfg, records, run_cli, train_in_process
-from llmtrain import checkpoint, distributed
-from llmtrain.data import DataModule
+from llmtrain.training import checkpoint
+from llmtrain.runtime import distributed
+from llmtrain.data.module import DataModule
 
 NO_DROPOUT_GPT = ["model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.config.attn_pdrop=0.0"]
 # 2 ranks on 2 cores, one thread each; a collective that waits a minute fails the test rather than hanging it
@@ -28,7 +29,8 @@ HOOKS = """
 import os
 if os.environ.get("HOOK"):
     import json, time
-    from llmtrain import distributed, trainer
+    from llmtrain.runtime import distributed
+    from llmtrain.training import trainer
 
     train_step, finish = trainer.Trainer.train_step, trainer.Trainer._finish
 

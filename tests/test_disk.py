@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
 from conftest import TINY_GPT, records, run_cli, start_slow_run, wait_for
-from llmtrain import checkpoint
+from llmtrain.training import checkpoint
 from llmtrain.errors import NoSpaceError, writing
-from llmtrain.tracking import Tracker
+from llmtrain.training.tracking import Tracker
 
 FAST = [*TINY_GPT, "hardware.num_threads=1"]
 
@@ -244,7 +244,7 @@ def test_a_full_disk_before_the_run_starts_refuses_it_cleanly(tmp_path: Path, di
 
 
 def test_run_log_on_a_full_disk_says_so_once(tmp_path: Path, disk, capfd) -> None:
-    from llmtrain.rundir import RunLogHandler
+    from llmtrain.runtime.rundir import RunLogHandler
 
     root = disk(256)
     fill(root)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, TINY_GPT, build, run_cli, run_main, train_in_process
-from llmtrain import sources
+from llmtrain.data import sources
 from llmtrain.errors import DataError
 
 HYDRA = 1  # Hydra's own command-line errors (unknown group option, unknown key without +)
@@ -204,7 +204,7 @@ def test_verbose_shows_where_the_error_was_raised(tmp_path: Path, capfd, monkeyp
 
 
 def test_ctrl_c_before_training_exits_130_quietly(tmp_path: Path, capfd, monkeypatch) -> None:
-    from llmtrain.data import DataModule
+    from llmtrain.data.module import DataModule
 
     def interrupted(self) -> None:
         raise KeyboardInterrupt
@@ -222,7 +222,7 @@ def test_fallback_encodings_decode_and_are_logged(tmp_path: Path, caplog, encodi
     f = tmp_path / "doc.txt"
     lines = [f"{line.strip()} {i}" for i in range(20) for line in text.splitlines() if line.strip()]  # distinct
     f.write_bytes("".join(line + "\n" for line in lines).encode(encoding))
-    with caplog.at_level(logging.INFO, logger="llmtrain.sources"):
+    with caplog.at_level(logging.INFO, logger="llmtrain.data.sources"):
         corpus = sources.load_text(str(f), ["utf-8", "gbk", "latin-1"], 0.1, seed=0)
     assert sorted(corpus.train + corpus.validation) == sorted(lines)
     assert any(f"decoded as {encoding}" in m for m in caplog.messages), caplog.messages
@@ -272,9 +272,9 @@ def test_warmup_warning_counts_steps_or_the_ratio(steps: int, warmup_steps: int 
                                                   caplog) -> None:
     import torch
 
-    from llmtrain.optim import scheduler
+    from llmtrain.training.optim import scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with caplog.at_level(logging.WARNING, logger="llmtrain.optim"):
+    with caplog.at_level(logging.WARNING, logger="llmtrain.training.optim"):
         scheduler(opt, steps, "linear", warmup_steps, ratio)
     assert any(WARMUP in m for m in caplog.messages) == warns, caplog.messages

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from conftest import (ROOT, TINY_BERT, TINY_GPT, build, compose_cfg, logged_past, records, run_main, start_slow_run,
                       train_in_process, wait_for)
-from llmtrain import checkpoint, trainer as trainer_mod
+from llmtrain.training import checkpoint, trainer as trainer_mod
 from llmtrain.config import validate
 from llmtrain.errors import ConfigError, UserError
-from llmtrain.trainer import Trainer
+from llmtrain.training.trainer import Trainer
 
 FAST = ["hardware.num_threads=1"]
 
@@ -154,7 +154,7 @@ SAVER = """
 import sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from llmtrain import checkpoint
+from llmtrain.training import checkpoint
 
 class Model(torch.nn.Module):
     def __init__(self):

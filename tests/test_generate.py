@@ -9,7 +9,7 @@ from transformers import DistilBertConfig, DistilBertForMaskedLM, GPT2Config, GP
 
 from conftest import run_cli
 from llmtrain import generate
-from llmtrain.tokenization import train_tokenizer
+from llmtrain.data.tokenization import train_tokenizer
 
 TEXTS = ["once upon a time there was a little fox who lived in the forest",
          "the cat sat on the mat and the dog ran in the park"] * 20

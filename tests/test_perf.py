@@ -12,9 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from conftest import TINY, TINY_BERT, run_cli, train_in_process
-from llmtrain import flops, hardware
-from llmtrain.optim import adamw
-from llmtrain.tasks import compile_model, loss_terms, sparse_mlm_parts
+from llmtrain.training import flops
+from llmtrain.runtime import hardware
+from llmtrain.training.optim import adamw
+from llmtrain.training.losses import compile_model, loss_terms, sparse_mlm_parts
 
 V, B, T = 300, 4, 32
 SIZES = {"distilbert": dict(n_layers=2, dim=32, n_heads=2, hidden_dim=64),

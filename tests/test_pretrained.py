@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceC
 
 from conftest import CLS, TINY, topic_dir, train_in_process
 from llmtrain.errors import ConfigError
-from llmtrain.models import ModelSpec
+from llmtrain.training.models import ModelSpec
 
 HEAD = {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
 

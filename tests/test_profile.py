@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_GPT, train_in_process
-from llmtrain import profiling
+from llmtrain.training import profiling
 
 PROFILED = [*TINY_GPT, "trainer.profile=true", "hardware.num_threads=1"]
 

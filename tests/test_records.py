@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (TINY_GPT, logged_past, records, run_cli, scalars, start_slow_run, train_in_process,
                       wait_for)
-from llmtrain import checkpoint
+from llmtrain.training import checkpoint
 from llmtrain.errors import ConfigError
 
 FAST = [*TINY_GPT, "hardware.num_threads=1", "trainer.log_every=2"]

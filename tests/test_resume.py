@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_BERT, assert_same_weights, TINY_GPT, logged_past, records, scalars, start_slow_run, train_in_process, wait_for
-from llmtrain import checkpoint
-from llmtrain.data import DataModule
+from llmtrain.training import checkpoint
+from llmtrain.data.module import DataModule
 
 # 479 training blocks / batch 8 = 60 micro-batches = 30 steps per epoch: 40 steps cross an epoch boundary,
 # and the checkpoint at step 20 is mid-epoch. Dropout, masking and shuffling are all in play.

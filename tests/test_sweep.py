@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY_GPT, compose_cfg, run_cli
-from llmtrain import report, sweep
+from llmtrain.sweeps import callback as sweep, report
 
 TB_SCALARS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "eval/loss", "eval/perplexity",
               "eval/accuracy", "train_vs_tokens/loss", "eval_vs_tokens/loss"]

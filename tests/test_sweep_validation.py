@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, TINY_GPT, compose_cfg, run_cli
 from llmtrain.config import validate
 from llmtrain.errors import ConfigError
-from llmtrain.rundir import read_status
+from llmtrain.runtime.rundir import read_status
 
 TINY_SWEEP = [o for o in TINY_GPT if not o.startswith(("trainer.batch_size=", "trainer.max_steps="))]
 

@@ -2,7 +2,7 @@
 Ctrl-C stops the sweep as it stops a run: each running job saves a checkpoint, then the sweep exits 130 with the
 command that continues it.
 
-Hydra only loads launchers from the `hydra_plugins` package; the arithmetic lives in llmtrain.sweep.
+Hydra only loads launchers from the `hydra_plugins` package; the arithmetic lives in llmtrain.sweeps.callback.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from joblib import Parallel, delayed
 from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-from llmtrain.sweep import THREADS_KEY, available_cores, plan_parallel, rerun_args, sets_threads, with_threads
+from llmtrain.sweeps.callback import THREADS_KEY, available_cores, plan_parallel, rerun_args, sets_threads, with_threads
 
 log = logging.getLogger(__name__)
 

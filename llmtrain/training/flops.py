@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from llmtrain.tasks import IGNORE, sparse_mlm_parts
+from llmtrain.training.losses import IGNORE, sparse_mlm_parts
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import logging
 import torch
 from transformers import get_scheduler
 
-from llmtrain import distributed
+from llmtrain.runtime import distributed
 from llmtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,10 @@ import datasets
 import numpy as np
 import torch
 
-from llmtrain import distributed, sources
+from llmtrain.runtime import distributed
+from llmtrain.data import sources
 from llmtrain.errors import CACHE_ADVICE, ConfigError, DataError, writing
-from llmtrain.tokenization import cached_tokenizer, load_pretrained_tokenizer, tokenizer_fingerprint
+from llmtrain.data.tokenization import cached_tokenizer, load_pretrained_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

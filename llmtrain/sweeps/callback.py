@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from llmtrain.rundir import read_status
+from llmtrain.runtime.rundir import read_status
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def record_failure(run_dir: Path, error: BaseException) -> float:
 
 
 def _write_failure(run_dir: Path, error: BaseException) -> None:
-    from llmtrain.tracking import write_status
+    from llmtrain.training.tracking import write_status
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_status(run_dir, {"status": "failed", "error": f"{type(error).__name__}: {error}"})
@@ -185,7 +185,7 @@ def check_rerun(config: DictConfig) -> None:
     each job and key. Nothing in the sweep directory is written before (not even multirun.yaml)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from llmtrain import rundir
+    from llmtrain.runtime import rundir
     from llmtrain.errors import ConfigError
 
     if str(config.hydra.sweeper._target_) != BASIC_SWEEPER or not Path(config.hydra.sweep.dir).is_dir():
@@ -261,7 +261,7 @@ class SweepSummary(Callback):
 
     @staticmethod
     def _summarize(sweep_dir: Path) -> list:
-        from llmtrain.report import write_summary
+        from llmtrain.sweeps.report import write_summary
 
         runs = write_summary(sweep_dir)
         log.info("sweep summary (%d runs): %s", len(runs), sweep_dir / "summary.md")

@@ -125,7 +125,7 @@ def lines_of(text: str) -> list[str]:
 
 def load_builtin(train_words: int, validation_words: int, corpus_seed: int, cache_dir: Path) -> RawCorpus:
     """The generated story corpus, cached as text files so a second run skips generation."""
-    from llmtrain import corpus as corpus_mod
+    from llmtrain.data import corpus as corpus_mod
 
     key = f"builtin-v{getattr(corpus_mod, 'VERSION', 1)}-s{corpus_seed}-{train_words}-{validation_words}"
     root = cache_dir / "corpus" / key

@@ -6,10 +6,11 @@ import math
 
 import torch
 
-from llmtrain import distributed, metrics
-from llmtrain.data import DataModule
-from llmtrain.hardware import Hardware
-from llmtrain.tasks import loss_terms, model_inputs
+from llmtrain.runtime import distributed
+from llmtrain.training import metrics
+from llmtrain.data.module import DataModule
+from llmtrain.runtime.hardware import Hardware
+from llmtrain.training.losses import loss_terms, model_inputs
 
 
 class Evaluator:

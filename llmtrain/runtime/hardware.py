@@ -28,7 +28,7 @@ def compute_cores() -> int:
 
     Matrix kernels keep a core's vector units busy; a second thread on the same core only contends for them.
     """
-    from llmtrain.sweep import available_cores
+    from llmtrain.sweeps.callback import available_cores
 
     allowed = available_cores()
     logical, physical = psutil.cpu_count() or allowed, psutil.cpu_count(logical=False) or allowed

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from llmtrain import distributed
+from llmtrain.runtime import distributed
 from llmtrain.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def launch(train: Train, cfg: DictConfig, run_dir: Path, model_name: str) -> dic
 
 def _train_rank(train: Train, cfg: dict, run_dir: str, model_name: str) -> dict:
     """What every rank runs for one job: its share of the cores, the process group, then the ordinary training."""
-    from llmtrain.sweep import available_cores
+    from llmtrain.sweeps.callback import available_cores
 
     config = OmegaConf.create(cfg)
     hw = config.hardware
@@ -103,7 +103,7 @@ def follow(train: Train) -> int:
 
 
 def _follow(train: Train) -> int:
-    from llmtrain.trainer import Interrupted
+    from llmtrain.training.trainer import Interrupted
 
     _worker_logging(None)
     wait_s: float = JOB_WAIT_S
@@ -138,7 +138,7 @@ def _spawn(train: Train, cfg: DictConfig, run_dir: Path, model_name: str) -> dic
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from llmtrain.config import validate
-    from llmtrain.sweep import available_cores
+    from llmtrain.sweeps.callback import available_cores
 
     validate(cfg)  # fail here, once, rather than in every worker
     hw, n = instantiate(cfg.hardware), cfg.hardware.nproc_per_node
@@ -171,7 +171,7 @@ def _spawn(train: Train, cfg: DictConfig, run_dir: Path, model_name: str) -> dic
 
 def _worker(train: Train, job: dict, run_dir: str, model_name: str, logging_cfg: dict | None, tmp: str) -> dict:
     """One spawned rank. A user error or an interrupt is noted for the parent and ends the process quietly."""
-    from llmtrain.trainer import Interrupted
+    from llmtrain.training.trainer import Interrupted
 
     rank = int(os.environ["RANK"])
     _worker_logging(logging_cfg if rank == 0 else None)
@@ -194,8 +194,8 @@ def _worker(train: Train, job: dict, run_dir: str, model_name: str, logging_cfg:
 def _reraise(tmp: Path, run_dir: Path, error: Exception) -> None:
     """Raise what the workers noted (the lowest rank's), an Interrupted for a signal the agent got first, or each
     failed rank's error, the likely cause first."""
-    from llmtrain import checkpoint
-    from llmtrain.trainer import Interrupted
+    from llmtrain.training import checkpoint
+    from llmtrain.training.trainer import Interrupted
 
     notes = sorted((json.loads(p.read_text()) for p in tmp.glob("note-*.json")), key=lambda n: n["rank"])
     signum = notes[0]["signal"] if notes else getattr(error, "sigval", None)
@@ -218,7 +218,7 @@ def _reraise(tmp: Path, run_dir: Path, error: Exception) -> None:
 def _worker_logging(logging_cfg: dict | None) -> None:
     """Rank 0 logs as the Hydra job does (console and run.log); other ranks show only warnings and errors.
     The libraries stay as quiet as run.py makes them."""
-    from llmtrain.hardware import quiet_libraries
+    from llmtrain.runtime.hardware import quiet_libraries
 
     quiet_libraries()
     if logging_cfg:

@@ -1,6 +1,6 @@
 """Data-parallel training on torch.distributed: the process group (gloo on CPUs, NCCL on GPUs, with timeouts) and
 what the Trainer asks of it: DDP around model+loss, agreed stops, gathered predictions, the data position across
-world sizes. How the ranks get started is llmtrain.workers."""
+world sizes. How the ranks get started is llmtrain.runtime.workers."""
 from __future__ import annotations
 
 import atexit
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from llmtrain.tasks import loss_terms
+from llmtrain.training.losses import loss_terms
 
 log = logging.getLogger(__name__)
 

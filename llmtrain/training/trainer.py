@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmtrain import checkpoint, distributed, flops, profiling, rundir, state
-from llmtrain.data import DataModule
+from llmtrain.training import checkpoint, flops, profiling, state
+from llmtrain.runtime import distributed, rundir
+from llmtrain.data.module import DataModule
 from llmtrain.errors import Interrupted  # noqa: F401 - raised here, caught by run.py and workers.py
 from llmtrain.errors import ConfigError, NoSpaceError, UserError, writing
-from llmtrain.evaluation import Evaluator
-from llmtrain.hardware import Hardware, peak_memory_mb
-from llmtrain.state import RunState
-from llmtrain.tasks import compile_model, count_targets, loss_terms, model_inputs
-from llmtrain.tracking import Tracker, truncate_after
+from llmtrain.training.evaluation import Evaluator
+from llmtrain.runtime.hardware import Hardware, peak_memory_mb
+from llmtrain.training.state import RunState
+from llmtrain.training.losses import compile_model, count_targets, loss_terms, model_inputs
+from llmtrain.training.tracking import Tracker, truncate_after
 
 log = logging.getLogger(__name__)
 

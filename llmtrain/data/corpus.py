@@ -375,6 +375,7 @@ def generate_corpus(seed: int = 0, train_words: int = 1_000_000, validation_word
     A word is a whitespace-separated token (punctuation stays attached: "park."). The NLLs count
     every choice, including each story's length (its stop choices), and are divided by the words.
     """
+    # the seeds' names are fixed strings, not this module's path: moving the code never changes the corpus
     train, train_nll = _generate(f"llmtrain.corpus:{seed}:train", train_words)
     validation, val_nll = _generate(f"llmtrain.corpus:{seed}:validation", validation_words)
     return Corpus(train, validation, val_nll, train_nll, seed)
